@@ -1,0 +1,19 @@
+"""pyro-ffjord: free-form continuous normalizing flows (FFJORD) for Pyro."""
+
+from .dynamics import NFE
+from .nets import ODENet
+from .solve import ODESolveError
+from .transforms import ConditionalFFJORD, ConditionedFFJORD, FFJORD, conditional_ffjord, ffjord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FFJORD",
+    "NFE",
+    "ConditionalFFJORD",
+    "ConditionedFFJORD",
+    "ODENet",
+    "ODESolveError",
+    "conditional_ffjord",
+    "ffjord",
+]

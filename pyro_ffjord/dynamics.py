@@ -1,0 +1,244 @@
+r"""The continuous normalizing flow without Pyro: augmented dynamics and the solve around them.
+
+FFJORD (Grathwohl et al., 2019) integrates the state together with its log-density change,
+
+.. math::
+
+    \frac{d}{dt} \begin{bmatrix} z \\ \log|\det \partial z(t)/\partial z(0)| \end{bmatrix}
+    = \begin{bmatrix} f(z, t) \\ \operatorname{tr}(\partial f / \partial z) \end{bmatrix},
+
+The time is rescaled to :math:`s = t / T \in [0, 1]` so that the integration time :math:`T` is an
+ordinary parameter of the dynamics (learnable with ``train_T`` and differentiated through the
+adjoint like any weight).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .divergence import DIVERGENCES, NOISES, divergence_exact, divergence_hutchinson, sample_noise
+from .nets import check_choice
+from .regularizers import REGULARIZERS, jacobian_frobenius, kinetic_energy
+from .solve import ODESolveError, check_solver_options, integrate, is_fixed_grid, nfe_budget
+
+
+class NFE(NamedTuple):
+    """Function evaluations of the last solve: its forward pass and its adjoint backward pass."""
+
+    forward: int
+    backward: int
+
+
+class CNFDynamics:
+    """Augmented dynamics of one solve: ``(z, logdet[, kinetic, jacobian])``.
+
+    A fresh instance per solve holds that solve's noise and context, so that the adjoint backward
+    pass, which may run after other solves, integrates exactly the forward pass's dynamics.
+    """
+
+    def __init__(
+        self,
+        flow: ContinuousFlow,
+        T: Tensor,
+        context: Tensor | None,
+        noise: Tensor | None,
+        regularize: bool,
+    ) -> None:
+        self.flow = flow
+        self.T = T
+        self.context = context
+        self.noise = noise
+        self.regularize = regularize
+        self.budget = nfe_budget(flow.method, flow.max_num_steps)
+        self.nfe_forward = 0
+        self.nfe_backward = 0
+        self.forward_done = False
+
+    def _fail(self, what: str) -> ODESolveError:
+        f = self.flow
+        nfe = self.nfe_backward if self.forward_done else self.nfe_forward
+        phase = "adjoint backward" if self.forward_done else "forward"
+        return ODESolveError(
+            f"CNF {phase} solve {what}: method={f.method!r}, rtol={f.rtol}, atol={f.atol}, "
+            f"T={float(self.T):.4g}, nfe={nfe}, max_num_steps={f.max_num_steps}"
+        )
+
+    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if self.forward_done:
+            self.nfe_backward += 1
+            nfe = self.nfe_backward
+        else:
+            self.nfe_forward += 1
+            nfe = self.nfe_forward
+        if nfe > self.budget:
+            raise self._fail(f"exceeded its step budget ({self.budget} evaluations)")
+        create_graph = torch.is_grad_enabled()
+        z = state[0]
+        with torch.enable_grad():
+            if not (create_graph and z.requires_grad):
+                z = z.detach().requires_grad_(True)
+            t = s * self.T
+            f = self.flow.net(t, z) if self.context is None else self.flow.net(t, z, self.context)
+            if self.noise is None:
+                div, rows = divergence_exact(f, z, create_graph)
+            else:
+                div, rows = divergence_hutchinson(f, z, self.noise, create_graph)
+        if not (torch.isfinite(f).all() and torch.isfinite(div).all()):
+            raise self._fail("produced non-finite values")
+        derivatives = [f * self.T, div * self.T]
+        if self.regularize:
+            derivatives += [kinetic_energy(f) * self.T, jacobian_frobenius(rows) * self.T]
+        if not create_graph:
+            derivatives = [d.detach() for d in derivatives]
+        return tuple(derivatives)
+
+
+class ContinuousFlow(nn.Module):
+    r"""A CNF on ``(N, D)`` states: solves the augmented ODE forward (0→T) or backward (T→0).
+
+    Args:
+        net: dynamics ``f(t, z)`` (or ``f(t, z, context)`` when ``context_dim > 0``).
+        input_dim: dimension D of the state.
+        context_dim: dimension of the context, 0 for none.
+        T: integration time, > 0.
+        train_T: learn ``T`` (parameterized as :math:`\log T`).
+        divergence: ``"hutchinson"`` or ``"exact"``.
+        noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``, drawn once per solve.
+        method, rtol, atol, options: the torchdiffeq solver and its settings; a fixed-grid
+            ``step_size`` is in units of ``t``.
+        adjoint: gradients from the adjoint ODE (memory flat in the number of steps).
+        max_num_steps: solver steps allowed per solve before :class:`ODESolveError`.
+        regularization: RNODE weights, e.g. ``{"kinetic": 0.01, "jacobian": 0.01}``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        input_dim: int,
+        context_dim: int = 0,
+        *,
+        T: float = 1.0,
+        train_T: bool = False,
+        divergence: str = "hutchinson",
+        noise: str = "rademacher",
+        method: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        options: Mapping[str, Any] | None = None,
+        adjoint: bool = True,
+        max_num_steps: int = 1000,
+        regularization: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        if isinstance(T, bool) or not isinstance(T, (int, float)) or not 0 < T < math.inf:
+            raise ValueError(f"T must be a positive finite number, got {T!r}")
+        for name, value in (("train_T", train_T), ("adjoint", adjoint)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        check_choice("divergence", divergence, DIVERGENCES)
+        check_choice("noise", noise, NOISES)
+        self.options = check_solver_options(method, rtol, atol, options)
+        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+            raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
+        regularization = dict(regularization or {})
+        unknown = set(regularization) - set(REGULARIZERS)
+        if unknown:
+            raise ValueError(f"regularization has unknown terms {sorted(unknown)}; allowed: {list(REGULARIZERS)}")
+        for name, weight in regularization.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+                raise ValueError(f"regularization[{name!r}] must be a non-negative number, got {weight!r}")
+        self.net = net
+        self.input_dim = input_dim
+        self.context_dim = context_dim
+        log_T = torch.tensor(math.log(T))
+        if train_T:
+            self.log_T = nn.Parameter(log_T)
+        else:
+            self.register_buffer("log_T", log_T)
+        self.divergence = divergence
+        self.noise = noise
+        self.method = method
+        self.rtol = rtol
+        self.atol = atol
+        self.adjoint = adjoint
+        self.max_num_steps = max_num_steps
+        self.regularization = regularization
+        self._last_solve: CNFDynamics | None = None
+        self._last_regularization: dict[str, Tensor] = {}
+
+    @property
+    def T(self) -> Tensor:
+        """The integration time :math:`T = \\exp(\\log T)`."""
+        return self.log_T.exp()
+
+    @property
+    def nfe(self) -> NFE:
+        """Function evaluations of the last solve (forward, and adjoint backward once run)."""
+        if self._last_solve is None:
+            return NFE(0, 0)
+        return NFE(self._last_solve.nfe_forward, self._last_solve.nfe_backward)
+
+    def regularization_loss(self) -> Tensor:
+        """Weighted RNODE terms of the last solve, averaged over its batch (0 when none)."""
+        loss = self.log_T.new_zeros(())
+        for name, value in self._last_regularization.items():
+            loss = loss + self.regularization[name] * value.mean()
+        return loss
+
+    def _solver_options(self, T: Tensor) -> dict[str, Any]:
+        if is_fixed_grid(self.method) and "step_size" in self.options:
+            # step_size is given in units of t; the solver runs in s = t / T.
+            return {**self.options, "step_size": self.options["step_size"] / float(T)}
+        return self.options
+
+    def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+        """Flows ``x`` from t=0 to t=T (from T to 0 if ``reverse``).
+
+        Args:
+            x: states, shape ``(N, D)``.
+            context: shape ``(N, C)`` or None.
+            reverse: integrate backward in time.
+
+        Returns:
+            The flowed states and :math:`\\log|\\det \\partial y / \\partial x|`, shape ``(N,)``.
+        """
+        T = self.T
+        regularize = bool(self.regularization) and torch.is_grad_enabled()
+        noise = sample_noise(x, self.noise) if self.divergence == "hutchinson" else None
+        func = CNFDynamics(self, T, context, noise, regularize)
+        zeros = x.new_zeros(x.shape[0])
+        state = (x, zeros, zeros, zeros) if regularize else (x, zeros)
+        adjoint_params = [p for p in self.parameters() if p.requires_grad]
+        if context is not None and context.requires_grad:
+            adjoint_params.append(context)
+        self._last_solve = func
+        final = integrate(
+            func,
+            state,
+            reverse=reverse,
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            options=self._solver_options(T),
+            adjoint=self.adjoint,
+            adjoint_params=adjoint_params,
+        )
+        func.forward_done = True
+        y, logdet = final[:2]
+        if not (torch.isfinite(y).all() and torch.isfinite(logdet).all()):
+            raise func._fail("produced non-finite values")
+        # Integrated backward in time, the regularizer states accumulate with a negative sign.
+        sign = -1.0 if reverse else 1.0
+        self._last_regularization = (
+            {name: sign * final[2 + i] for i, name in enumerate(REGULARIZERS) if name in self.regularization}
+            if regularize
+            else {}
+        )
+        return y, logdet

@@ -1,0 +1,286 @@
+r"""FFJORD as Pyro transforms: :class:`FFJORD`, :class:`ConditionalFFJORD`, :class:`ConditionedFFJORD`.
+
+Pyro's :class:`~pyro.distributions.TransformedDistribution` maps base to data, whereas FFJORD
+integrates data :math:`x = z(0)` to base :math:`z(T)`; hence ``_call`` (base → data) solves from
+T to 0 and ``_inverse`` (data → base) solves from 0 to T, and
+
+.. math:: \log p(x) = \log p_{\text{base}}(z(T)) + \int_0^T \operatorname{tr}\frac{\partial f}{\partial z}\,dt.
+
+Every solve returns its log-determinant, which is cached with the input/output pair so that
+``log_prob(x)`` and ``log_prob(rsample())`` each cost one solve. The cache is keyed by tensor
+identity *and* by the versions of the parameters, buffers and context, so an optimizer step, a
+``load_state_dict`` or a ``deepcopy`` never gets a stale value back.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from itertools import chain
+from typing import Any, NamedTuple
+
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
+from torch import Tensor
+from torch.distributions import Transform
+
+from .dynamics import NFE, ContinuousFlow
+from .nets import ODENet
+
+_OPTION_NAMES = tuple(
+    name for name, p in inspect.signature(ContinuousFlow).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
+
+
+def _check_option_names(options: dict[str, Any]) -> None:
+    unknown = set(options) - set(_OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unknown FFJORD options {sorted(unknown)}; allowed: {list(_OPTION_NAMES)}")
+
+
+def _check_tensor(name: str, value: object, size: int, like: Tensor) -> Tensor:
+    """Checks that ``value`` is a finite tensor of shape ``(..., size)`` with ``like``'s dtype/device."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != like.dtype:
+        raise TypeError(f"{name} must have dtype {like.dtype} (the flow's parameters), got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the flow's parameters are on {like.device}")
+    if value.dim() == 0 or value.shape[-1] != size:
+        raise ValueError(f"{name} must have shape (..., {size}), got {tuple(value.shape)}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return value
+
+
+class _SolveRecord(NamedTuple):
+    base: Tensor
+    data: Tensor
+    log_abs_det: Tensor  # log|det d data / d base|
+    stamp: tuple
+
+
+class _CNFTransform:
+    """Pyro ``Transform`` behaviour shared by :class:`FFJORD` and :class:`ConditionedFFJORD`."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+    sign = 1  # the flow map of an ODE preserves orientation
+
+    _flow: ContinuousFlow
+    _context: Tensor | None
+    _record: _SolveRecord | None = None
+
+    def _stamp(self) -> tuple:
+        tensors = chain(self._flow.parameters(), self._flow.buffers(), () if self._context is None else [self._context])
+        f = self._flow
+        return (
+            torch.is_grad_enabled(),
+            (f.divergence, f.noise, f.method, f.rtol, f.atol, f.adjoint),
+            tuple((id(t), t._version) for t in tensors),
+        )
+
+    def _lookup(self, base: Tensor | None = None, data: Tensor | None = None) -> _SolveRecord | None:
+        record = self._record
+        if (
+            record is None
+            or (base is not None and record.base is not base)
+            or (data is not None and record.data is not data)
+            or record.stamp != self._stamp()
+        ):
+            return None
+        return record
+
+    def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor]:
+        flow = self._flow
+        value = _check_tensor(name, value, flow.input_dim, flow.log_T)
+        batch = value.shape[:-1]
+        context = self._context
+        if context is not None:
+            try:
+                batch = torch.broadcast_shapes(batch, context.shape[:-1])
+            except RuntimeError:
+                raise ValueError(
+                    f"{name} batch shape {tuple(value.shape[:-1])} does not broadcast with the context "
+                    f"batch shape {tuple(context.shape[:-1])}"
+                ) from None
+            context = context.expand(batch + context.shape[-1:]).reshape(-1, flow.context_dim)
+        flat = value.expand(batch + value.shape[-1:]).reshape(-1, flow.input_dim)
+        if flat.shape[0] == 0:
+            out, logdet = flat.clone(), flat.new_zeros(0)
+        else:
+            out, logdet = flow(flat, context, reverse=reverse)
+        return out.reshape(batch + value.shape[-1:]), logdet.reshape(batch)
+
+    def _call(self, z: Tensor) -> Tensor:
+        record = self._lookup(base=z)
+        if record is None:
+            x, log_abs_det = self._solve(z, "z", reverse=True)
+            record = self._record = _SolveRecord(z, x, log_abs_det, self._stamp())
+        return record.data
+
+    def _inverse(self, x: Tensor) -> Tensor:
+        record = self._lookup(data=x)
+        if record is None:
+            z, logdet = self._solve(x, "x", reverse=False)
+            record = self._record = _SolveRecord(z, x, -logdet, self._stamp())
+        return record.base
+
+    def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
+        r""":math:`\log|\det \partial x / \partial z|` (base ``z`` → data ``x``), cached from the solve."""
+        record = self._lookup(base=z, data=x) or self._lookup(data=x) or self._lookup(base=z)
+        if record is None:
+            self._call(z)
+            record = self._record
+        return record.log_abs_det
+
+    @property
+    def nfe(self) -> NFE:
+        """Function evaluations ``(forward, backward)`` of the last solve."""
+        return self._flow.nfe
+
+    @property
+    def T(self) -> Tensor:
+        """The integration time."""
+        return self._flow.T
+
+    def regularization_loss(self) -> Tensor:
+        """RNODE penalty of the last solve (see :class:`~pyro_ffjord.dynamics.ContinuousFlow`)."""
+        return self._flow.regularization_loss()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_record", None)  # a copy must never answer from the original's solve
+        return state
+
+
+class FFJORD(_CNFTransform, TransformModule):
+    r"""Free-form Jacobian of reversible dynamics (Grathwohl et al., 2019), a CNF on real vectors.
+
+    .. math::
+
+        x = z(0), \quad \frac{dz}{dt} = f(z, t), \quad
+        \log p(x) = \log p(z(T)) + \int_0^T \operatorname{tr}\left(\frac{\partial f}{\partial z}\right) dt,
+
+    with the trace computed exactly or by Hutchinson's estimator (noise drawn once per solve).
+
+    Args:
+        net: dynamics ``f(t, z)``, e.g. :class:`~pyro_ffjord.nets.ODENet`.
+        input_dim: dimension of the event.
+        **options: ``T``, ``train_T``, ``divergence``, ``noise``, ``method``, ``rtol``, ``atol``,
+            ``options``, ``adjoint``, ``max_num_steps``, ``regularization``
+            (see :class:`~pyro_ffjord.dynamics.ContinuousFlow`).
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> t = ffjord(2, hidden_dims=(16, 16))
+        >>> flow = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [t])
+        >>> flow.log_prob(flow.rsample((5,))).shape
+        torch.Size([5])
+    """
+
+    def __init__(self, net: torch.nn.Module, input_dim: int, **options: Any) -> None:
+        super().__init__(cache_size=0)
+        _check_option_names(options)
+        self.flow = ContinuousFlow(net, input_dim, **options)
+
+    @property
+    def _flow(self) -> ContinuousFlow:
+        return self.flow
+
+    _context = None
+
+
+class ConditionedFFJORD(_CNFTransform, Transform):
+    """A :class:`ConditionalFFJORD` with its context fixed: ``dz/dt = f(z, t, context)``.
+
+    The context's batch shape broadcasts against the batch shape of the transformed values; the
+    context gets gradients through the adjoint.
+    """
+
+    def __init__(self, flow: ContinuousFlow, context: Tensor) -> None:
+        super().__init__(cache_size=0)
+        self._flow = flow
+        self._context = _check_tensor("context", context, flow.context_dim, flow.log_T)
+
+
+class ConditionalFFJORD(ConditionalTransformModule):
+    r"""FFJORD whose dynamics also see a context: :math:`dz/dt = f(z, t, c)`.
+
+    Used for conditional densities and amortized variational posteriors.
+
+    Args:
+        net: dynamics ``f(t, z, context)``.
+        input_dim: dimension of the event.
+        context_dim: dimension of the context.
+        **options: as for :class:`FFJORD`.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> ct = conditional_ffjord(2, 3, hidden_dims=(16,))
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> d = dist.ConditionalTransformedDistribution(base, [ct]).condition(torch.randn(4, 3))
+        >>> d.rsample().shape
+        torch.Size([4, 2])
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, net: torch.nn.Module, input_dim: int, context_dim: int, **options: Any) -> None:
+        super().__init__()
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"context_dim must be a positive integer, got {context_dim!r}")
+        _check_option_names(options)
+        self.flow = ContinuousFlow(net, input_dim, context_dim, **options)
+
+    def condition(self, context: Tensor) -> ConditionedFFJORD:
+        """Fixes the context, shape ``(..., context_dim)``."""
+        return ConditionedFFJORD(self.flow, context)
+
+    @property
+    def nfe(self) -> NFE:
+        """Function evaluations ``(forward, backward)`` of the last solve."""
+        return self.flow.nfe
+
+    def regularization_loss(self) -> Tensor:
+        """RNODE penalty of the last solve."""
+        return self.flow.regularization_loss()
+
+
+def ffjord(
+    input_dim: int,
+    hidden_dims: Sequence[int] = (64, 64, 64),
+    layer: str = "concatsquash",
+    activation: str = "tanh",
+    **options: Any,
+) -> FFJORD:
+    """Builds an :class:`FFJORD` transform with an :class:`~pyro_ffjord.nets.ODENet` dynamics.
+
+    Args:
+        input_dim: dimension of the event.
+        hidden_dims: hidden widths of the dynamics network.
+        layer: time-conditioning layer, see :data:`~pyro_ffjord.nets.LAYERS`.
+        activation: see :data:`~pyro_ffjord.nets.ACTIVATIONS`.
+        **options: see :class:`FFJORD`.
+    """
+    _check_option_names(options)
+    return FFJORD(ODENet(input_dim, hidden_dims, 0, layer, activation), input_dim, **options)
+
+
+def conditional_ffjord(
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Sequence[int] = (64, 64),
+    layer: str = "concatsquash",
+    activation: str = "tanh",
+    **options: Any,
+) -> ConditionalFFJORD:
+    """Builds a :class:`ConditionalFFJORD` whose every layer sees the time and the context."""
+    _check_option_names(options)
+    net = ODENet(input_dim, hidden_dims, context_dim, layer, activation)
+    return ConditionalFFJORD(net, input_dim, context_dim, **options)
