@@ -1,13 +1,15 @@
 """pyro-ffjord: free-form continuous normalizing flows (FFJORD) for Pyro."""
 
+from .autoguide import AutoFFJORD
 from .dynamics import NFE
 from .nets import ODENet
 from .solve import ODESolveError
-from .transforms import ConditionalFFJORD, ConditionedFFJORD, FFJORD, conditional_ffjord, ffjord
+from .transforms import FFJORD, ConditionalFFJORD, ConditionedFFJORD, conditional_ffjord, ffjord
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoFFJORD",
     "FFJORD",
     "NFE",
     "ConditionalFFJORD",

@@ -195,7 +195,7 @@ class ContinuousFlow(nn.Module):
     def _solver_options(self, T: Tensor) -> dict[str, Any]:
         if is_fixed_grid(self.method) and "step_size" in self.options:
             # step_size is given in units of t; the solver runs in s = t / T.
-            return {**self.options, "step_size": self.options["step_size"] / float(T)}
+            return {**self.options, "step_size": self.options["step_size"] / float(T.detach())}
         return self.options
 
     def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:

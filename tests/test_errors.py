@@ -1,0 +1,126 @@
+"""Every bad input gets a clear ValueError/TypeError naming the argument; solver faults raise ODESolveError."""
+
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyro_ffjord as pf
+
+FAST = dict(method="rk4", options={"step_size": 0.25})
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(T=0.0), ValueError, "T must be"),
+        (dict(T=-1.0), ValueError, "T must be"),
+        (dict(T=float("inf")), ValueError, "T must be"),
+        (dict(rtol=0.0), ValueError, "rtol"),
+        (dict(atol=-1e-5), ValueError, "atol"),
+        (dict(method="dopri6"), ValueError, "method must be one of"),
+        (dict(divergence="trace"), ValueError, "divergence must be one of"),
+        (dict(noise="uniform"), ValueError, "noise must be one of"),
+        (dict(layer="hyper"), ValueError, "layer must be one of"),
+        (dict(activation="sigmoidal"), ValueError, "activation must be one of"),
+        (dict(hidden_dims=(8, 0)), ValueError, "hidden_dims"),
+        (dict(max_num_steps=0), ValueError, "max_num_steps"),
+        (dict(options={"stepsize": 0.1}), ValueError, "options has names"),
+        (dict(options=[0.1]), TypeError, "options must be a dict"),
+        (dict(method="rk4"), ValueError, "step_size"),
+        (dict(method="euler", options={"step_size": -0.1}), ValueError, "step_size"),
+        (dict(regularization={"kinetc": 0.1}), ValueError, "regularization has unknown"),
+        (dict(regularization={"kinetic": -1.0}), ValueError, "regularization"),
+        (dict(adjoint="yes"), TypeError, "adjoint must be a bool"),
+        (dict(train_T=1), TypeError, "train_T must be a bool"),
+        (dict(metod="rk4"), TypeError, "unknown FFJORD options"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pf.ffjord(2, **kwargs)
+
+
+def test_bad_dimensions():
+    with pytest.raises(ValueError, match="input_dim"):
+        pf.ffjord(0)
+    with pytest.raises(ValueError, match="context_dim"):
+        pf.conditional_ffjord(2, 0)
+    with pytest.raises(TypeError, match="net must be"):
+        pf.FFJORD(lambda t, z: z, 2)
+
+
+@pytest.fixture
+def transform():
+    return pf.ffjord(3, hidden_dims=(8,), **FAST)
+
+
+@pytest.mark.parametrize(
+    "value,error,match",
+    [
+        (torch.randn(4, 2), ValueError, r"shape \(\.\.\., 3\)"),
+        (torch.randn(()), ValueError, r"shape \(\.\.\., 3\)"),
+        (torch.randn(4, 3).double(), TypeError, "dtype"),
+        (torch.ones(4, 3, dtype=torch.long), TypeError, "dtype"),
+        (torch.tensor([[0.0, float("nan"), 1.0]]), ValueError, "NaN or inf"),
+        (torch.tensor([[0.0, float("inf"), 1.0]]), ValueError, "NaN or inf"),
+        ([[0.0, 1.0, 2.0]], TypeError, "must be a torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_bad_values(transform, value, error, match, direction):
+    call = transform if direction == "forward" else transform.inv
+    with pytest.raises(error, match=match) as info:
+        call(value)
+    assert str(info.value).startswith("z" if direction == "forward" else "x")
+
+
+@pytest.mark.parametrize(
+    "value", [torch.randn(4, 2), torch.randn(4, 3).double(), torch.tensor([[0.0, float("nan"), 1.0]])]
+)
+def test_bad_log_prob_values(transform, value):
+    """Through a distribution, Pyro's own checks or ours answer with a ValueError/TypeError."""
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [transform])
+    with pytest.raises((ValueError, TypeError)):
+        d.log_prob(value)
+
+
+def test_bad_context():
+    ct = pf.conditional_ffjord(3, 2, hidden_dims=(8,), **FAST)
+    with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 2\)"):
+        ct.condition(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="context contains NaN"):
+        ct.condition(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(TypeError, match="context must have dtype"):
+        ct.condition(torch.randn(4, 2).double())
+    with pytest.raises(ValueError, match="does not broadcast with the context"):
+        ct.condition(torch.randn(4, 2))(torch.randn(5, 3))
+
+
+class Explosive(nn.Module):
+    """dz/dt = z^3 blows up in finite time from |z| > 1 when T is large."""
+
+    def forward(self, t, z):
+        return z.pow(3) * 50
+
+
+def test_step_budget_raises():
+    t = pf.FFJORD(Explosive(), 2, T=1.0, max_num_steps=20, rtol=1e-8, atol=1e-8)
+    with pytest.raises(pf.ODESolveError, match=r"exceeded its step budget.*method='dopri5'.*T=1.*nfe="):
+        t.inv(torch.full((1, 2), 2.0))
+
+
+def test_non_finite_dynamics_raise():
+    t = pf.FFJORD(Explosive(), 2, T=1.0, method="euler", options={"step_size": 0.1})
+    with pytest.raises(pf.ODESolveError, match="non-finite") as info:
+        t.inv(torch.full((1, 2), 50.0))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+def test_budget_applies_to_adjoint_backward():
+    t = pf.ffjord(2, hidden_dims=(8,), method="euler", options={"step_size": 0.25}, max_num_steps=4)
+    x = torch.randn(3, 2)
+    loss = t.log_abs_det_jacobian(t.inv(x), x).sum()
+    assert t.nfe.forward == 4
+    loss.backward()
+    assert t.nfe.backward == 4

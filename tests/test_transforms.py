@@ -1,0 +1,326 @@
+"""Generic harness every CNF transform passes (after Pyro's tests/distributions/test_transforms.py)."""
+
+import copy
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyro_ffjord as pf
+from pyro_ffjord.dynamics import ContinuousFlow
+
+TIGHT = dict(method="dopri5", rtol=1e-10, atol=1e-10)
+FAST = dict(method="rk4", options={"step_size": 0.25})
+
+
+def make(kind: str, **options):
+    """A transform of each flavour on D=3, plus the context its conditioned form uses."""
+    if kind == "conditioned":
+        ct = pf.conditional_ffjord(3, 2, hidden_dims=(8, 8), **options)
+        return ct.condition(torch.randn(2)), ct
+    layer = {"ffjord": "concatsquash", "concat": "concat", "ignore": "ignore", "squash": "squash"}[kind]
+    t = pf.ffjord(3, hidden_dims=(8, 8), layer=layer, activation="softplus" if kind == "concat" else "tanh", **options)
+    return t, t
+
+
+KINDS = ["ffjord", "concat", "ignore", "squash", "conditioned"]
+
+
+def brute_force_log_abs_det(t, z):
+    """log|det dx/dz| from the autograd Jacobian of the (uncached) solve, one sample at a time."""
+    rows = []
+    for zi in z:
+        jac = torch.autograd.functional.jacobian(lambda v: t._solve(v, "z", reverse=True)[0], zi)
+        rows.append(torch.linalg.slogdet(jac)[1])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_inverse(float64, kind, adjoint):
+    t, _ = make(kind, adjoint=adjoint, **TIGHT)
+    z = torch.randn(5, 3)
+    x = t(z)
+    assert x.shape == z.shape
+    assert not torch.allclose(x, z)
+    assert torch.allclose(t.inv(x.clone()), z, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_det_exact_matches_autograd_jacobian(float64, kind):
+    t, _ = make(kind, divergence="exact", adjoint=False, **TIGHT)
+    z = torch.randn(4, 3)
+    x = t(z)
+    expected = brute_force_log_abs_det(t, z)
+    assert torch.allclose(t.log_abs_det_jacobian(z, x), expected, rtol=1e-7, atol=1e-8)
+    # data -> base direction agrees too: log|det dz/dx| = -log|det dx/dz|
+    x2 = x.detach().clone()
+    t.inv(x2)
+    assert torch.allclose(t.log_abs_det_jacobian(t.inv(x2), x2), expected, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_is_unbiased(float64, noise):
+    exact, _ = make("ffjord", divergence="exact", **TIGHT)
+    hutch = pf.ffjord(3, hidden_dims=(8, 8), divergence="hutchinson", noise=noise, **TIGHT)
+    hutch.load_state_dict(exact.state_dict())
+    x = torch.randn(1, 3).expand(2000, 3)  # every row draws its own noise
+    with torch.no_grad():
+        estimates = -hutch.log_abs_det_jacobian(hutch.inv(x), x)
+        truth = -exact.log_abs_det_jacobian(exact.inv(x[:1]), x[:1])
+    assert estimates.std() > 1e-4  # the estimator really is stochastic
+    standard_error = estimates.std() / len(estimates) ** 0.5
+    assert (estimates.mean() - truth).abs() < 3 * standard_error
+
+
+def test_gradcheck(float64):
+    """Backprop-through-solver gradients w.r.t. input, context, weights and T vs finite differences."""
+    ct = pf.conditional_ffjord(2, 1, hidden_dims=(4,), divergence="exact", train_T=True, adjoint=False, **TIGHT)
+    names, params = zip(*ct.named_parameters())
+
+    def f(x, context, *values):
+        with torch.nn.utils.stateless._reparametrize_module(ct, dict(zip(names, values))):
+            t = ct.condition(context)
+            z = t.inv(x)
+            return z, t.log_abs_det_jacobian(z, x)
+
+    x = torch.randn(3, 2, requires_grad=True)
+    context = torch.randn(3, 1, requires_grad=True)
+    weights = [p.detach().clone().requires_grad_() for p in params]
+    assert torch.autograd.gradcheck(f, (x, context, *weights), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_adjoint_gradients_match_backprop(float64, divergence):
+    """The adjoint ODE gives the same gradients (input, context, weights, T) as backprop."""
+    ct = pf.conditional_ffjord(2, 1, hidden_dims=(4,), divergence=divergence, train_T=True, **TIGHT)
+    grads = []
+    for adjoint in (True, False):
+        ct.flow.adjoint = adjoint
+        ct.zero_grad()
+        torch.manual_seed(3)  # same Hutchinson noise in both runs
+        x = torch.randn(3, 2, requires_grad=True)
+        context = torch.randn(3, 1, requires_grad=True)
+        t = ct.condition(context)
+        z = t.inv(x)
+        (z.pow(2).sum() + t.log_abs_det_jacobian(z, x).sum()).backward()
+        grads.append([x.grad, context.grad] + [p.grad for p in ct.parameters()])
+    for adjoint_grad, backprop_grad in zip(*grads):
+        assert adjoint_grad.abs().sum() > 0
+        assert torch.allclose(adjoint_grad, backprop_grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sample_shape", [(), (4,), (2, 3)])
+def test_shapes(kind, sample_shape):
+    t, _ = make(kind, **FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    x = d.rsample(sample_shape)
+    assert x.shape == sample_shape + (3,)
+    assert d.log_prob(x).shape == sample_shape
+    assert d.log_prob(torch.randn(sample_shape + (3,))).shape == sample_shape
+
+
+@pytest.mark.parametrize("kind", ["ffjord", "conditioned"])
+def test_empty_batch(kind):
+    t, _ = make(kind, **FAST)
+    z = torch.zeros(0, 3)
+    x = t(z)
+    assert x.shape == (0, 3) and t.inv(x).shape == (0, 3)
+    assert t.log_abs_det_jacobian(z, x).shape == (0,)
+
+
+def test_context_batch_broadcasts():
+    ct = pf.conditional_ffjord(3, 2, hidden_dims=(8,), **FAST)
+    base = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    d = dist.ConditionalTransformedDistribution(base, [ct]).condition(torch.randn(5, 2))
+    assert d.rsample((7, 1)).shape == (7, 5, 3)
+    assert d.log_prob(torch.randn(4, 1, 3)).shape == (4, 5)
+
+
+class _SolveCounter:
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = ContinuousFlow.forward
+
+        def counted(flow, *args, **kwargs):
+            self.count += 1
+            return original(flow, *args, **kwargs)
+
+        monkeypatch.setattr(ContinuousFlow, "forward", counted)
+
+
+def test_one_solve_per_log_prob_and_per_sample_then_log_prob(monkeypatch):
+    solves = _SolveCounter(monkeypatch)
+    t, _ = make("ffjord", **FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    d.log_prob(torch.randn(6, 3))
+    assert solves.count == 1
+    x = d.rsample((6,))
+    d.log_prob(x)
+    assert solves.count == 2
+
+
+def fit_step(t, x):
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    loss = -d.log_prob(x).mean()
+    optimizer = torch.optim.SGD(t.parameters(), lr=0.5)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return d
+
+
+def test_cache_never_stale_after_update():
+    t, _ = make("ffjord", divergence="exact", **FAST)
+    x = torch.randn(6, 3)
+    d = fit_step(t, x)
+    fresh, _ = make("ffjord", divergence="exact", **FAST)
+    fresh.load_state_dict(t.state_dict())
+    reference = dist.TransformedDistribution(d.base_dist, [fresh]).log_prob(x)
+    assert torch.allclose(d.log_prob(x), reference)
+
+
+def test_cache_never_stale_after_deepcopy_and_state_dict():
+    t, _ = make("ffjord", divergence="exact", **FAST)
+    base = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    x = torch.randn(6, 3)
+    before = dist.TransformedDistribution(base, [t]).log_prob(x)
+    clone = copy.deepcopy(t)
+    assert clone._record is None
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(0.3)
+    changed = dist.TransformedDistribution(base, [clone]).log_prob(x)
+    assert not torch.allclose(changed, before)
+    t.load_state_dict(clone.state_dict())
+    assert torch.allclose(dist.TransformedDistribution(base, [t]).log_prob(x), changed)
+
+
+def test_no_grad_sampling_and_evaluation():
+    t, _ = make("ffjord", **FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    with torch.no_grad():
+        x = d.sample((5,))
+        log_p = d.log_prob(x)
+    assert not log_p.requires_grad and torch.isfinite(log_p).all()
+    # the same tensor, now with grad: must recompute with a graph, not answer from the no-grad cache
+    assert d.log_prob(x).requires_grad
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_train_T_learns(adjoint):
+    t = pf.ffjord(3, hidden_dims=(8,), T=0.5, train_T=True, adjoint=adjoint, **FAST)
+    before = t.T.item()
+    fit_step(t, torch.randn(16, 3) * 3)
+    assert t.flow.log_T.grad is not None and t.flow.log_T.grad.abs() > 0
+    assert t.T.item() != pytest.approx(before)
+
+
+def test_fixed_T_is_not_a_parameter():
+    t = pf.ffjord(3, hidden_dims=(8,), T=0.5, **FAST)
+    assert all("log_T" not in name for name, _ in t.named_parameters())
+    assert t.T.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "method,step_size,T,per_step", [("euler", 0.25, 1.0, 1), ("rk4", 0.25, 1.0, 4), ("rk4", 0.25, 0.5, 4)]
+)
+def test_nfe_counts_each_evaluation_once(method, step_size, T, per_step):
+    t = pf.ffjord(3, hidden_dims=(8,), T=T, method=method, options={"step_size": step_size}, adjoint=True)
+    steps = round(T / step_size)
+    x = torch.randn(4, 3)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    loss = -d.log_prob(x).sum()
+    assert t.nfe == pf.NFE(steps * per_step, 0)
+    loss.backward()
+    assert t.nfe == pf.NFE(steps * per_step, steps * per_step)
+
+
+class Linear(nn.Module):
+    """f(t, z) = A z: its flow, log-det and RNODE integrals are known in closed form."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = nn.Parameter(A)
+
+    def forward(self, t, z):
+        return z @ self.A.T
+
+
+def test_linear_dynamics_closed_form(float64):
+    A = torch.tensor([[0.3, -0.5], [0.8, -0.2]])
+    T = 0.7
+    t = pf.FFJORD(Linear(A), 2, T=T, divergence="exact", regularization={"kinetic": 1.0, "jacobian": 1.0}, **TIGHT)
+    z0 = torch.randn(3, 2)
+    x = t.inv(z0)  # data -> base: z(T) = expm(A T) z(0)
+    assert torch.allclose(x, z0 @ torch.linalg.matrix_exp(A * T).T, atol=1e-8)
+    assert torch.allclose(t.log_abs_det_jacobian(x, z0), -torch.full((3,), T * A.trace().item()), atol=1e-8)
+    # RNODE: int ||A z(t)||^2 dt by Simpson's rule on the exact trajectory, and int ||A||_F^2 dt
+    grid = torch.linspace(0, T, 2001)
+    speed = torch.stack([(z0 @ torch.linalg.matrix_exp(A * s).T @ A.T).pow(2).sum(-1) for s in grid])
+    weights = torch.ones(2001)
+    weights[1:-1:2], weights[2:-1:2] = 4, 2
+    kinetic = (weights[:, None] * speed).sum(0) * (T / 2000) / 3
+    expected = kinetic.mean() + T * A.pow(2).sum()
+    assert torch.allclose(t.regularization_loss(), expected, rtol=1e-6)
+
+
+def test_regularization_zero_when_off_and_trains_when_on():
+    t = pf.ffjord(3, hidden_dims=(8,), **FAST)
+    fit_step(t, torch.randn(4, 3))
+    assert t.regularization_loss() == 0
+    r = pf.ffjord(3, hidden_dims=(8,), regularization={"kinetic": 0.1}, **FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [r])
+    d.log_prob(torch.randn(4, 3))
+    loss = r.regularization_loss()
+    assert loss > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in r.parameters())
+
+
+def test_pyro_module_registration_and_svi_density_fit():
+    """Maximum likelihood through pyro.sample(obs=...) moves the flow towards the data."""
+    t = pf.ffjord(2, hidden_dims=(16, 16), **FAST)
+    data = torch.randn(256, 2) * torch.tensor([0.3, 2.0]) + torch.tensor([1.0, -1.0])
+    base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+
+    def model(x):
+        pyro.module("flow", t)
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.TransformedDistribution(base, [t]), obs=x)
+
+    svi = pyro.infer.SVI(model, lambda x: None, pyro.optim.Adam({"lr": 0.02}), pyro.infer.Trace_ELBO())
+    first = svi.step(data)
+    for _ in range(60):
+        last = svi.step(data)
+    assert "flow$$$flow.net.layers.0.linear.weight" in pyro.get_param_store()
+    assert last < first - 0.3 * len(data)
+
+
+def test_amortized_conditional_guide_trains():
+    """z ~ N(0, 1), x ~ N(z, 0.5^2): the amortized CNF posterior learns q(z|x) = N(0.8 x, 0.2)."""
+    ct = pf.conditional_ffjord(1, 1, hidden_dims=(16, 16), **FAST)
+    base = dist.Normal(torch.zeros(1), 1.0).to_event(1)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("cnf", ct)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.ConditionalTransformedDistribution(base, [ct]).condition(x))
+
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), pyro.infer.Trace_ELBO())
+    for _ in range(300):
+        svi.step(torch.randn(64, 1) * 1.2)
+    x = torch.tensor([[-1.0], [1.5]])
+    with torch.no_grad():
+        z = dist.ConditionalTransformedDistribution(base, [ct]).condition(x).sample((4000, 1))
+    assert z.shape == (4000, 2, 1)
+    assert torch.allclose(z.mean(0), 0.8 * x, atol=0.12)
+    assert torch.allclose(z.var(0), torch.full((2, 1), 0.2), atol=0.06)
