@@ -4,7 +4,7 @@ from .autoguide import AutoFFJORD
 from .dynamics import NFE
 from .nets import ODENet
 from .solve import ODESolveError
-from .transforms import FFJORD, ConditionalFFJORD, ConditionedFFJORD, conditional_ffjord, ffjord
+from .transforms import FFJORD, ConditionalFFJORD, ConditionedFFJORD, conditional_ffjord, ffjord, solver_settings
 
 __version__ = "0.1.0"
 
@@ -18,4 +18,5 @@ __all__ = [
     "ODESolveError",
     "conditional_ffjord",
     "ffjord",
+    "solver_settings",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import pyro.distributions as dist
@@ -18,6 +20,20 @@ from torch import nn
 from .transforms import _check_option_names, ffjord
 
 
+def _cnf_blocks(
+    num_transforms: int,
+    hidden_dims: Sequence[int],
+    layer: str,
+    activation: str,
+    options: dict[str, Any],
+    latent_dim: int,
+) -> ComposeTransformModule:
+    """``num_transforms`` FFJORD blocks on the packed latent (a module-level function: picklable)."""
+    return ComposeTransformModule(
+        [ffjord(latent_dim, hidden_dims, layer, activation, **options) for _ in range(num_transforms)]
+    )
+
+
 class AutoFFJORD(AutoNormalizingFlow):
     r"""Autoguide with a free-form CNF posterior (Grathwohl et al., 2019) on the packed latent.
 
@@ -28,7 +44,8 @@ class AutoFFJORD(AutoNormalizingFlow):
     initialization is honoured) and :math:`\sigma` at ``init_scale``; the CNF shapes the rest.
     It is an :class:`~pyro.infer.autoguide.AutoNormalizingFlow`, so it supports vectorized
     particles, plates, every ELBO that ``AutoIAFNormal`` supports, and
-    :class:`~pyro.infer.reparam.NeuTraReparam`.
+    :class:`~pyro.infer.reparam.NeuTraReparam` (use ``divergence="exact"`` there, so that the
+    reparameterized potential is deterministic).
 
     Args:
         model: a Pyro model.
@@ -67,15 +84,13 @@ class AutoFFJORD(AutoNormalizingFlow):
         _check_option_names(options)
         if isinstance(num_transforms, bool) or not isinstance(num_transforms, int) or num_transforms < 1:
             raise ValueError(f"num_transforms must be a positive integer, got {num_transforms!r}")
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0:
-            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 < init_scale < math.inf:
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         if prefix is not None and (not isinstance(prefix, str) or not prefix):
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
-
-        def init_transform_fn(latent_dim: int) -> ComposeTransformModule:
-            blocks = [ffjord(latent_dim, hidden_dims, layer, activation, **options) for _ in range(num_transforms)]
-            return ComposeTransformModule(blocks)
-
+        with torch.device("meta"):  # fail now rather than at the first guide call; meta draws no random numbers
+            ffjord(1, hidden_dims, layer, activation, **options)
+        init_transform_fn = partial(_cnf_blocks, num_transforms, hidden_dims, layer, activation, options)
         super().__init__(InitMessenger(init_loc_fn)(model), init_transform_fn)
         self._init_scale = float(init_scale)
         if prefix is not None:

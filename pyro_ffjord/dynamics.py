@@ -26,6 +26,8 @@ from .nets import check_choice
 from .regularizers import REGULARIZERS, jacobian_frobenius, kinetic_energy
 from .solve import ODESolveError, check_solver_options, integrate, is_fixed_grid, nfe_budget
 
+SOLVER_SETTINGS = ("divergence", "noise", "method", "rtol", "atol", "options", "adjoint", "max_num_steps")
+
 
 class NFE(NamedTuple):
     """Function evaluations of the last solve: its forward pass and its adjoint backward pass."""
@@ -139,14 +141,8 @@ class ContinuousFlow(nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         if isinstance(T, bool) or not isinstance(T, (int, float)) or not 0 < T < math.inf:
             raise ValueError(f"T must be a positive finite number, got {T!r}")
-        for name, value in (("train_T", train_T), ("adjoint", adjoint)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
-        check_choice("divergence", divergence, DIVERGENCES)
-        check_choice("noise", noise, NOISES)
-        self.options = check_solver_options(method, rtol, atol, options)
-        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
-            raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
+        if not isinstance(train_T, bool):
+            raise TypeError(f"train_T must be a bool, got {train_T!r}")
         regularization = dict(regularization or {})
         unknown = set(regularization) - set(REGULARIZERS)
         if unknown:
@@ -162,16 +158,45 @@ class ContinuousFlow(nn.Module):
             self.log_T = nn.Parameter(log_T)
         else:
             self.register_buffer("log_T", log_T)
-        self.divergence = divergence
-        self.noise = noise
-        self.method = method
-        self.rtol = rtol
-        self.atol = atol
-        self.adjoint = adjoint
-        self.max_num_steps = max_num_steps
         self.regularization = regularization
+        self.set_solver(
+            divergence=divergence,
+            noise=noise,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            options=options,
+            adjoint=adjoint,
+            max_num_steps=max_num_steps,
+        )
         self._last_solve: CNFDynamics | None = None
         self._last_regularization: dict[str, Tensor] = {}
+
+    def set_solver(self, **settings: Any) -> dict[str, Any]:
+        """Changes solver settings (any of :data:`SOLVER_SETTINGS`) after checking them.
+
+        Typical use: a cheap fixed-grid solver with Hutchinson's estimator for training, then an
+        adaptive solver with the exact trace for evaluation (see :func:`pyro_ffjord.solver_settings`).
+
+        Returns:
+            The previous values of the settings that were changed.
+        """
+        unknown = set(settings) - set(SOLVER_SETTINGS)
+        if unknown:
+            raise TypeError(f"unknown solver settings {sorted(unknown)}; allowed: {list(SOLVER_SETTINGS)}")
+        new = {name: settings.get(name, getattr(self, name, None)) for name in SOLVER_SETTINGS}
+        check_choice("divergence", new["divergence"], DIVERGENCES)
+        check_choice("noise", new["noise"], NOISES)
+        if not isinstance(new["adjoint"], bool):
+            raise TypeError(f"adjoint must be a bool, got {new['adjoint']!r}")
+        max_num_steps = new["max_num_steps"]
+        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+            raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
+        new["options"] = check_solver_options(new["method"], new["rtol"], new["atol"], new["options"])
+        previous = {name: getattr(self, name) for name in settings if hasattr(self, name)}
+        for name, value in new.items():
+            setattr(self, name, value)
+        return previous
 
     @property
     def T(self) -> Tensor:

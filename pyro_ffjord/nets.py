@@ -22,9 +22,13 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
-    """Stacks the time (broadcast over the batch) and the context into one ``(N, 1 + C)`` input."""
-    tt = t.to(x).expand(x.shape[:-1] + (1,))
-    return tt if context is None else torch.cat([tt, context], dim=-1)
+    """The time and the context as one ``(N, 1 + C)`` input; without context, a single ``(1, 1)`` row.
+
+    Without context the conditioning is the same for the whole batch, so it is computed once and
+    broadcast rather than repeated N times.
+    """
+    tt = t.to(x).reshape(1, 1)
+    return tt if context is None else torch.cat([tt.expand(x.shape[:-1] + (1,)), context], dim=-1)
 
 
 class ConcatSquashLinear(nn.Module):
@@ -64,7 +68,8 @@ class ConcatLinear(nn.Module):
         self.linear = nn.Linear(in_features + 1 + context_dim, out_features)
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.linear(torch.cat([x, _conditioner(t, x, context)], dim=-1))
+        c = _conditioner(t, x, context)
+        return self.linear(torch.cat([x, c.expand(x.shape[:-1] + c.shape[-1:])], dim=-1))
 
 
 class IgnoreLinear(nn.Module):

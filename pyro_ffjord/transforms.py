@@ -15,7 +15,8 @@ identity *and* by the versions of the parameters, buffers and context, so an opt
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -26,7 +27,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
-from .dynamics import NFE, ContinuousFlow
+from .dynamics import NFE, SOLVER_SETTINGS, ContinuousFlow
 from .nets import ODENet
 
 _OPTION_NAMES = tuple(
@@ -75,11 +76,11 @@ class _CNFTransform:
     _record: _SolveRecord | None = None
 
     def _stamp(self) -> tuple:
-        tensors = chain(self._flow.parameters(), self._flow.buffers(), () if self._context is None else [self._context])
         f = self._flow
+        tensors = chain(f.parameters(), f.buffers(), () if self._context is None else [self._context])
         return (
             torch.is_grad_enabled(),
-            (f.divergence, f.noise, f.method, f.rtol, f.atol, f.adjoint),
+            tuple(repr(getattr(f, name)) for name in SOLVER_SETTINGS),
             tuple((id(t), t._version) for t in tensors),
         )
 
@@ -284,3 +285,33 @@ def conditional_ffjord(
     _check_option_names(options)
     net = ODENet(input_dim, hidden_dims, context_dim, layer, activation)
     return ConditionalFFJORD(net, input_dim, context_dim, **options)
+
+
+@contextmanager
+def solver_settings(module: torch.nn.Module, **settings: Any) -> Iterator[None]:
+    """Temporarily changes the solver settings of every CNF inside ``module``.
+
+    Args:
+        module: an FFJORD transform, a stack of them, a guide, or any module containing them.
+        **settings: ``divergence``, ``noise``, ``method``, ``rtol``, ``atol``, ``options``,
+            ``adjoint``, ``max_num_steps``.
+
+    Example:
+        >>> t = ffjord(2, hidden_dims=(8,), method="rk4", options={"step_size": 0.25})
+        >>> with solver_settings(t, method="dopri5", options=None, divergence="exact"):
+        ...     t.flow.method
+        'dopri5'
+        >>> t.flow.method
+        'rk4'
+    """
+    flows = [m for m in module.modules() if isinstance(m, ContinuousFlow)]
+    if not flows:
+        raise ValueError(f"module {type(module).__name__} contains no CNF")
+    previous = []
+    try:
+        for flow in flows:
+            previous.append((flow, flow.set_solver(**settings)))
+        yield
+    finally:
+        for flow, old in previous:
+            flow.set_solver(**old)

@@ -1,0 +1,1 @@
+"""Shared example utilities: checkpoints, resume, logging, devices."""
