@@ -153,7 +153,7 @@ def plot(path: Path, args, flow, data: torch.Tensor, losses: list[float], metric
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.threads)
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     out = Path(args.out)
@@ -217,9 +217,9 @@ def main(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=TOY_DATASETS, default="8gaussians")
-    add_common_args(parser, num_steps=1200, out="outputs/toy_2d")
+    add_common_args(parser, num_steps=1500, out="outputs/toy_2d")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--objective", choices=["svi", "ml"], default="svi", help="Pyro SVI or plain ML loss")
     parser.add_argument("--hidden-dims", type=parse_hidden, default=(64, 64, 64))
     parser.add_argument("--num-blocks", type=int, default=1)
@@ -229,7 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
     parser.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact", help="training trace")
     parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
-    parser.add_argument("--train-steps", type=int, default=8, help="fixed-grid steps over [0, T] (0: adaptive)")
+    parser.add_argument("--train-steps", type=int, default=4, help="fixed-grid steps over [0, T] (0: adaptive)")
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol=atol of an adaptive training solver")
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
     parser.add_argument("--kinetic", type=float, default=0.0, help="RNODE kinetic-energy weight")

@@ -324,3 +324,23 @@ def test_amortized_conditional_guide_trains():
     assert z.shape == (4000, 2, 1)
     assert torch.allclose(z.mean(0), 0.8 * x, atol=0.12)
     assert torch.allclose(z.var(0), torch.full((2, 1), 0.2), atol=0.06)
+
+
+def test_solver_settings_switch_and_restore(monkeypatch):
+    t, _ = make("ffjord", **FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        train_solver = d.log_prob(x)
+        with pf.solver_settings(t, method="dopri5", options=None, divergence="exact", rtol=1e-7, atol=1e-7):
+            solves = _SolveCounter(monkeypatch)
+            exact = d.log_prob(x)  # same tensor, other settings: solved again, not answered from the cache
+            assert solves.count == 1 and t.nfe.forward > 16
+        with pytest.raises(RuntimeError, match="boom"), pf.solver_settings(t, divergence="exact"):
+            raise RuntimeError("boom")
+    assert (t.flow.method, t.flow.divergence, t.flow.options) == ("rk4", "hutchinson", {"step_size": 0.25})
+    assert not torch.allclose(train_solver, exact)
+    with pytest.raises(TypeError, match="unknown solver settings"), pf.solver_settings(t, T=2.0):
+        pass
+    with pytest.raises(ValueError, match="contains no CNF"), pf.solver_settings(nn.Linear(2, 2)):
+        pass

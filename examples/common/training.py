@@ -26,10 +26,13 @@ def add_common_args(parser: argparse.ArgumentParser, num_steps: int, out: str) -
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, with a clear error when CUDA is asked for but absent."""
+def resolve_device(name: str, threads: int | None = None) -> torch.device:
+    """``torch.device(name)``, with a clear error when CUDA is asked for but absent; sets CPU threads."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine")

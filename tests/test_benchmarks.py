@@ -1,0 +1,71 @@
+"""Smoke test of ``benchmarks/bench_cnf.py``: every contender runs and reports finite numbers.
+
+No timing is asserted: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cnf.py"
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_cnf", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _numbers(value: object) -> list[float]:
+    """Every int/float inside nested dicts and lists (bools and None excluded)."""
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    return []
+
+
+def test_reference_matches_pyro_ffjord_at_equal_weights():
+    """The in-benchmark reference FFJORD computes the same exact log-density as pyro_ffjord."""
+    bench = _load_bench()
+    w = bench.WORKLOADS["toy2d"]
+    x = bench.batch(w, 32, 0, torch.device("cpu"))
+    ours = bench.build("pf_hutchinson", w, torch.device("cpu"), 0)
+    reference = bench.build("reference", w, torch.device("cpu"), 0)
+    with torch.no_grad(), ours.evaluation(), reference.evaluation():
+        torch.testing.assert_close(ours.log_prob(x), reference.log_prob(x), rtol=1e-3, atol=1e-3)
+
+
+def test_bench_cnf_smoke(tmp_path):
+    """Every contender on the 2-D workload with a 2-second budget and tiny batches, plus the D=16 extras."""
+    bench = _load_bench()
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(BENCH), "--workloads", "toy2d", "--budget", "2", "--timing-iters", "1"]
+    command += ["--batch-size", "64", "--num-test", "256", "--out", str(out)]
+    run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout
+    results = json.loads(out.read_text())
+    rows = results["workloads"]["toy2d"]["contenders"]
+    assert set(rows) == set(bench.CONTENDERS)
+    for name, row in rows.items():
+        assert "error" not in row, (name, row.get("traceback"))
+        assert row["race_iters"] >= 1
+        assert math.isfinite(row["test_nll"]) and math.isfinite(row["sec_per_iter_vs_ref"])
+    assert set(results["exact_vs_hutchinson"]) == {"pf_hutchinson", "reference"}
+    assert len(results["adjoint_memory"]) == 6
+    assert all("error" not in row for row in results["adjoint_memory"])
+    numbers = _numbers(results["workloads"]) + _numbers(results["exact_vs_hutchinson"])
+    numbers += _numbers(results["adjoint_memory"])
+    assert numbers and all(math.isfinite(n) for n in numbers)
