@@ -10,8 +10,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "pyro-ppl>=1.9", "torchdiffeq>=0.2.4", "tqdm"],
     extras_require={
-        "examples": ["matplotlib", "torchvision", "scipy"],
-        "test": ["pytest", "hypothesis", "ruff", "matplotlib", "torchvision", "scipy"],
+        "examples": ["matplotlib", "torchvision", "scipy", "pandas", "h5py"],
+        "test": ["pytest", "hypothesis", "ruff", "matplotlib", "torchvision", "scipy", "pandas", "h5py"],
         "bench": ["zuko"],
     },
 )

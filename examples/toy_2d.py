@@ -119,7 +119,7 @@ def plot(path: Path, args, flow, data: torch.Tensor, losses: list[float], metric
     import matplotlib.pyplot as plt
 
     lim = 4.0
-    side = 200
+    side = args.plot_resolution
     grid = torch.linspace(-lim, lim, side, dtype=data.dtype, device=data.device)
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
@@ -171,12 +171,12 @@ def main(args: argparse.Namespace) -> dict:
     svi = SVI(model, guide, scheduler, Trace_ELBO())
     start, losses = 0, []
     checkpoint = out / "checkpoint.pt"
+    pyro.module("flow", flow)  # both objectives keep the parameters in Pyro's param store
     if args.resume:
-        # parameters must exist before their state is restored: run the model once
-        model(test[:2], flow)
         state = load_checkpoint(checkpoint, scheduler, device)
+        pyro.module("flow", flow, update_module_params=True)
         start, losses = state["step"], state["losses"]
-    log = CSVLog(out / "log.csv", ["step", "loss", "nfe_forward", "T", "seconds"], resume=args.resume)
+    log = CSVLog(out / "log.csv", ["step", "loss", "nfe_forward", "T", "seconds"], start if args.resume else None)
 
     started = time.time()
     bar = tqdm(range(start, args.num_steps), initial=start, total=args.num_steps, disable=args.no_progress)
@@ -187,9 +187,9 @@ def main(args: argparse.Namespace) -> dict:
         nfe, T = flow.parts[0].nfe.forward, flow.parts[0].T.item()
         bar.set_postfix(nll=f"{loss:.3f}", nfe=nfe, T=f"{T:.3f}")
         log.write(step=step, loss=loss, nfe_forward=nfe, T=T, seconds=round(time.time() - started, 2))
+        scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.num_steps:
             save_checkpoint(checkpoint, step + 1, scheduler, losses=losses, args=vars(args))
-        scheduler.step()
     train_seconds = time.time() - started
 
     with evaluation_solver(flow, args):
@@ -238,6 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-tol", type=float, default=1e-5)
     parser.add_argument("--num-test", type=int, default=20000)
     parser.add_argument("--eval-batch-size", type=int, default=10000)
+    parser.add_argument("--plot-resolution", type=int, default=200, help="density grid points per axis")
     return parser.parse_args(argv)
 
 

@@ -2,6 +2,9 @@ import pyro
 import pytest
 import torch
 
+# The tests use tiny tensors: one thread is as fast, and immune to oversubscribed CPUs.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_state():

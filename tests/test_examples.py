@@ -1,8 +1,10 @@
 """Smoke-runs every example with tiny settings; a new example without an entry here fails."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,12 +49,24 @@ def test_example_runs(name, tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
-def test_toy_resume_continues(tmp_path):
-    args = [*TINY["toy_2d.py"], "--out", str(tmp_path), "--objective", "ml", "--data", "checkerboard"]
-    run("toy_2d.py", args)
-    first = json.loads((tmp_path / "metrics.json").read_text())
-    run("toy_2d.py", [*args, "-n", "5", "--resume"])
-    lines = (tmp_path / "log.csv").read_text().splitlines()
-    assert [int(line.split(",")[0]) for line in lines[1:]] == [0, 1, 2, 3, 4]
-    resumed = json.loads((tmp_path / "metrics.json").read_text())
-    assert resumed["num_steps"] == 5 and first["true_nll"] == pytest.approx(resumed["true_nll"])
+def test_toy_killed_run_resumes_to_the_same_result(tmp_path):
+    """SIGKILL mid-training, then --resume: same numbers as an uninterrupted run with the same seed."""
+    args = [*TINY["toy_2d.py"], "-n", "60", "--checkpoint-every", "1", "--data", "checkerboard"]
+    run("toy_2d.py", [*args, "--out", str(tmp_path / "straight")])
+    expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(EXAMPLES / "toy_2d.py"), *args, "--out", str(out)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.csv"
+    deadline = time.time() + 300
+    while not (log.is_file() and len(log.read_text().splitlines()) > 10) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "metrics.json").exists(), "the run must have been killed before finishing"
+    run("toy_2d.py", [*args, "--out", str(out), "--resume"])
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["test_nll"] == expected["test_nll"]
+    steps = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
+    assert steps == list(range(60))

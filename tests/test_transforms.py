@@ -283,7 +283,7 @@ def test_regularization_zero_when_off_and_trains_when_on():
 
 def test_pyro_module_registration_and_svi_density_fit():
     """Maximum likelihood through pyro.sample(obs=...) moves the flow towards the data."""
-    t = pf.ffjord(2, hidden_dims=(16, 16), **FAST)
+    t = pf.ffjord(2, hidden_dims=(16, 16), adjoint=False, **FAST)
     data = torch.randn(256, 2) * torch.tensor([0.3, 2.0]) + torch.tensor([1.0, -1.0])
     base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
 
@@ -302,7 +302,7 @@ def test_pyro_module_registration_and_svi_density_fit():
 
 def test_amortized_conditional_guide_trains():
     """z ~ N(0, 1), x ~ N(z, 0.5^2): the amortized CNF posterior learns q(z|x) = N(0.8 x, 0.2)."""
-    ct = pf.conditional_ffjord(1, 1, hidden_dims=(16, 16), **FAST)
+    ct = pf.conditional_ffjord(1, 1, hidden_dims=(16, 16), adjoint=False, **FAST)
     base = dist.Normal(torch.zeros(1), 1.0).to_event(1)
 
     def model(x):

@@ -98,15 +98,22 @@ def load_checkpoint(path: Path, optimizer: pyro.optim.PyroOptim, device: torch.d
 
 
 class CSVLog:
-    """Appends rows of metrics to a CSV file (kept across ``--resume``)."""
+    """Appends rows of metrics to a CSV file.
 
-    def __init__(self, path: Path, fields: list[str], resume: bool) -> None:
+    On resume, rows logged after the checkpoint (by a run killed before its next checkpoint) are
+    dropped, so the log matches the restored state.
+    """
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None) -> None:
         self.path = path
         self.fields = fields
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not (resume and path.is_file()):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(fields)
+        rows = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                rows = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) < resume_step]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([fields, *rows])
 
     def write(self, **row: Any) -> None:
         with open(self.path, "a", newline="") as f:
