@@ -11,7 +11,7 @@ setup(
     install_requires=["torch>=2.4", "pyro-ppl>=1.9", "torchdiffeq>=0.2.4", "tqdm"],
     extras_require={
         "examples": ["matplotlib", "torchvision", "scipy", "pandas", "h5py"],
-        "test": ["pytest", "hypothesis", "ruff", "matplotlib", "torchvision", "scipy", "pandas", "h5py"],
+        "test": ["pytest", "hypothesis", "ruff", "matplotlib", "torchvision", "scipy", "pandas", "h5py", "zuko"],
         "bench": ["zuko"],
     },
 )

@@ -42,7 +42,6 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-import zuko
 from pyro.distributions.transforms import Permute, affine_autoregressive, spline_coupling
 from torch import Tensor, nn
 from torchdiffeq import odeint_adjoint
@@ -286,6 +285,10 @@ class Zuko(Contender):
     """:class:`zuko.flows.CNF`: Hutchinson (Gaussian noise) in training, exact in evaluation."""
 
     def __init__(self, w: Workload) -> None:
+        try:
+            import zuko
+        except ImportError as error:
+            raise ImportError("the zuko contender needs zuko: pip install -e '.[bench]'") from error
         self.module = zuko.flows.CNF(
             w.dim, hidden_features=w.hidden, activation=nn.Tanh, rtol=w.rtol, atol=w.atol, exact=False
         )

@@ -318,7 +318,7 @@ def _patches(images: list[np.ndarray], n: int, rng: np.random.Generator, size: i
         rows = np.flatnonzero(which == i)
         r = rng.integers(img.shape[0] - size + 1, size=rows.size)
         c = rng.integers(img.shape[1] - size + 1, size=rows.size)
-        raw[rows] = sliding_window_view(img, (size, size))[r, c].reshape(rows.size, -1)
+        raw[rows] = sliding_window_view(img, (size, size))[r, c].reshape(rows.size, size * size)
     x = (raw + rng.random(raw.shape, dtype=np.float32)) / 256
     return (x - x.mean(axis=1, keepdims=True))[:, :-1]
 

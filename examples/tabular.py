@@ -1,0 +1,507 @@
+"""Tabular density estimation, the FFJORD paper's UCI/BSDS300 experiments, the Pyro way.
+
+The model is ``pyro.sample("x", TransformedDistribution(Normal(0, I), transforms), obs=x)`` under a
+``pyro.plate``, where ``transforms`` are stacked CNF blocks (``pf.ffjord``) with batch normalization
+(Pyro's ``BatchNorm``) before, between and after them, as in the paper's code. It is fit with SVI and an
+empty guide, which is maximum likelihood (``--objective ml`` does the same with a plain PyTorch loss),
+with Adam and early stopping on the validation NLL (the best parameters are kept). Training uses a cheap
+fixed-grid solver and Hutchinson's trace estimator; the test NLL is computed with an adaptive solver and
+the exact trace, in nats, with its standard error, next to a full-covariance Gaussian fit on the train set.
+``--model maf``, ``spline`` or ``all`` trains Pyro's MAF and spline-coupling flows on the same data with
+the same step budget.
+
+The default is CPU-sized: 8x8 patches of the real BSDS300 images (63 dimensions, 20,000/2,000/5,000
+patches) and hidden layers capped at 64 units, a few minutes on 2 CPU cores. The paper's setting
+(its per-dataset architecture, full data, dopri5 with atol 1e-8 and rtol 1e-6 in training and test) is
+
+    python examples/tabular.py --data power --num-train 0 --num-val 0 --num-test 0 --max-width 0 \\
+        --lr 1e-3 --batch-size 10000 -n 100000 --patience 30 --eval-every 200 --train-method dopri5 --train-steps 0 \\
+        --atol 1e-8 --rtol 1e-6 --adjoint --eval-atol 1e-8 --eval-rtol 1e-6 --device cuda
+
+    python examples/tabular.py                                  # BSDS300 patches, a few minutes on 2 cores
+    python examples/tabular.py --model all                      # FFJORD, MAF and spline flows, one table
+    python examples/tabular.py --csv my_table.csv --model maf   # any numeric CSV/NPY table
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import sys
+import time
+import warnings
+from itertools import combinations
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from torch import Tensor
+from tqdm import tqdm
+
+import pyro_ffjord as pf
+from pyro_ffjord.datasets.tabular import TabularData, load_tabular
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common.training import (  # noqa: E402
+    CSVLog,
+    add_common_args,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    write_json,
+)
+
+DATASETS = ("power", "gas", "hepmass", "miniboone", "bsds300", "bsds300-images")
+MODELS = ("ffjord", "maf", "spline")
+
+
+class Architecture(NamedTuple):
+    """CNF architecture: hidden layers of ``hidden_mult * D`` units, ``num_blocks`` stacked CNFs."""
+
+    num_hidden: int
+    hidden_mult: int
+    num_blocks: int
+    activation: str
+
+
+# FFJORD paper (Grathwohl et al., 2019), Appendix B, and the train_tabular.py commands of its repository.
+PAPER_ARCHITECTURES = {
+    "power": Architecture(3, 10, 5, "tanh"),
+    "gas": Architecture(3, 20, 5, "tanh"),
+    "hepmass": Architecture(2, 10, 10, "softplus"),
+    "miniboone": Architecture(2, 20, 1, "softplus"),
+    "bsds300": Architecture(3, 20, 2, "softplus"),
+    "bsds300-images": Architecture(3, 20, 2, "softplus"),
+}
+CSV_ARCHITECTURE = Architecture(2, 10, 2, "tanh")  # our choice for a user's table
+
+
+class Flow(torch.nn.Module):
+    """A normalizing flow ``base -> data``: its transforms, and the modules that hold their parameters.
+
+    The transforms are kept as a list rather than composed, so that ``log_prob`` inverts each one exactly
+    once; a ``ComposeTransform`` would recompute the intermediate values with forward calls, which for a
+    batch norm in training mode (batch statistics one way, moving averages the other) are not the same.
+    """
+
+    def __init__(self, transforms: list[dist.transforms.Transform], modules: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.transforms = transforms
+        self.layers = torch.nn.ModuleList(modules)
+
+    def distribution(self, dim: int, like: Tensor) -> dist.TransformedDistribution:
+        """The flow's density on ``R^dim``, on the device and dtype of ``like``."""
+        base = dist.Normal(like.new_zeros(dim), 1.0).to_event(1)
+        return dist.TransformedDistribution(base, self.transforms)
+
+    def cnfs(self) -> list[pf.FFJORD]:
+        """The CNF blocks (none for the baselines)."""
+        return [m for m in self.layers if isinstance(m, pf.FFJORD)]
+
+
+def architecture(args: argparse.Namespace) -> Architecture:
+    """The paper's architecture for the dataset, with the command line's overrides."""
+    paper = CSV_ARCHITECTURE if args.csv else PAPER_ARCHITECTURES[args.data]
+    return Architecture(
+        args.num_hidden or paper.num_hidden,
+        args.hidden_mult or paper.hidden_mult,
+        args.num_blocks or paper.num_blocks,
+        args.activation or paper.activation,
+    )
+
+
+def hidden_width(dim: int, args: argparse.Namespace) -> int:
+    """``hidden_mult * dim``, capped at ``--max-width`` (0: no cap)."""
+    width = architecture(args).hidden_mult * dim
+    return min(width, args.max_width) if args.max_width else width
+
+
+def build_flow(name: str, dim: int, args: argparse.Namespace, device: torch.device) -> Flow:
+    """FFJORD (CNF blocks), MAF or spline-coupling flow, each with batch norms around every layer."""
+    arch, width = architecture(args), hidden_width(dim, args)
+    transforms: list[dist.transforms.Transform] = [T.BatchNorm(dim)]
+    modules: list[torch.nn.Module] = [transforms[0]]
+    for _ in range(arch.num_blocks if name == "ffjord" else args.baseline_layers):
+        if name == "ffjord":
+            layer = pf.ffjord(
+                dim,
+                hidden_dims=(width,) * arch.num_hidden,
+                layer=args.layer,
+                activation=arch.activation,
+                T=args.T,
+                train_T=not args.fixed_T,
+                divergence="hutchinson",
+                method=args.train_method,
+                options={"step_size": args.T / args.train_steps} if args.train_steps else None,
+                rtol=args.rtol,
+                atol=args.atol,
+                adjoint=args.adjoint,
+            )
+            transforms.append(layer)
+        elif name == "maf":
+            # Pyro's autoregressive transform is an IAF (one pass to sample); its inverse is a MAF (one pass
+            # to score data). MADE needs at least D hidden units.
+            layer = T.affine_autoregressive(dim, hidden_dims=[max(width, dim)] * 2)
+            transforms += [layer.inv, T.Permute(torch.randperm(dim, device=device))]
+        else:
+            layer = T.spline_coupling(dim, hidden_dims=[width] * 2, count_bins=8, bound=4.0)
+            transforms += [layer, T.Permute(torch.randperm(dim, device=device))]
+        bn = T.BatchNorm(dim)
+        transforms.append(bn)
+        modules += [layer, bn]
+    return Flow(transforms, modules).to(device)
+
+
+def model(x: Tensor, flow: Flow, name: str) -> None:
+    """Observed rows ``x`` under the flow's density; the flow's parameters are Pyro parameters."""
+    pyro.module(name, flow)
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", flow.distribution(x.shape[-1], x), obs=x)
+
+
+def guide(x: Tensor, flow: Flow, name: str) -> None:
+    """Nothing is latent: the ELBO is the exact log-likelihood."""
+
+
+@torch.no_grad()
+def calibrate_batchnorm(flow: Flow, x: Tensor) -> None:
+    """Sets every batch norm's moving averages to the statistics of the rows ``x`` under the current flow.
+
+    Pyro's ``BatchNorm`` normalizes with the batch's statistics in training mode but with moving averages
+    (momentum 0.1, starting at mean 0 and variance 1) in evaluation mode. While the layers below a batch norm
+    still change quickly, as in a short run, those averages lag behind them and the evaluation-mode NLL is
+    off by tens of nats; so before every validation the averages are recomputed on a fixed set of train rows
+    (in one batch, each batch norm sees the statistics of the normalized output of the layers below it).
+    """
+    flow.train()
+    norms = [m for m in flow.layers if isinstance(m, T.BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.momentum = 1.0
+    try:
+        flow.distribution(x.shape[-1], x).log_prob(x)
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+
+
+def ml_step(x: Tensor, flow: Flow, optimizer: pyro.optim.PyroOptim) -> float:
+    """One maximum-likelihood step with a plain PyTorch loss; returns the loss summed over x."""
+    loss = -flow.distribution(x.shape[-1], x).log_prob(x).sum()
+    params = [p for p in flow.parameters() if p.requires_grad]
+    loss.backward()
+    optimizer(params)
+    for p in params:
+        p.grad = None
+    return loss.item()
+
+
+@torch.no_grad()
+def nll(flow: Flow, x: Tensor, batch_size: int) -> tuple[float, float]:
+    """Mean negative log-likelihood in nats and its standard error (batch norms use their moving averages)."""
+    flow.eval()
+    d = flow.distribution(x.shape[-1], x)
+    values = torch.cat([-d.log_prob(chunk) for chunk in x.split(batch_size)]).double()
+    return values.mean().item(), (values.std() / math.sqrt(len(values))).item()
+
+
+def gaussian_nll(train: Tensor, test: Tensor) -> tuple[float, float]:
+    """Test NLL (mean, SE) of the maximum-likelihood full-covariance Gaussian of the train set."""
+    x = train.double().cpu()
+    cov = torch.atleast_2d(torch.cov(x.T, correction=0))
+    values = -dist.MultivariateNormal(x.mean(0), covariance_matrix=cov).log_prob(test.double().cpu())
+    return values.mean().item(), (values.std() / math.sqrt(len(values))).item()
+
+
+def load_data(args: argparse.Namespace) -> TabularData:
+    """The dataset (or the user's table), subsampled to ``--num-train/--num-val/--num-test`` rows.
+
+    A missing file, NaN/inf values, a corrupt file or a missing optional reader ends the program with a
+    one-line message; a dropped constant column is reported as a one-line warning.
+    """
+    sizes = (args.num_train, args.num_val, args.num_test)
+    what = args.csv or args.data
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if args.csv:
+                data = load_tabular("csv", path=args.csv, seed=args.seed)
+            elif args.data == "bsds300-images":
+                full = (1_000_000, 50_000, 250_000)  # MAF's sizes
+                n_train, n_val, n_test = (n or m for n, m in zip(sizes, full))
+                data = load_tabular(
+                    args.data, args.data_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=args.seed
+                )
+            else:
+                data = load_tabular(args.data, args.data_dir)
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: cannot load {what}: {e}") from None
+    for w in caught:
+        print(f"warning: {what}: {w.message}", file=sys.stderr)
+    rng = np.random.default_rng(args.seed)
+    splits = [a[rng.permutation(len(a))[:n]] if 0 < n < len(a) else a for a, n in zip(data.splits, sizes)]
+    data = TabularData(*splits, data.name)
+    if data.dim < 2 or min(len(a) for a in data.splits) < 2:
+        raise SystemExit(f"error: {what}: need at least 2 columns and 2 rows per split, got {data.splits[0].shape}")
+    return data
+
+
+def train_batches(n: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """Row indices of the batch of ``step``: epoch-wise seeded shuffles, so a resumed run sees the same batches."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[i * batch_size : (i + 1) * batch_size]
+
+
+def evaluation_solver(flow: Flow, args: argparse.Namespace):
+    """The adaptive solver with the exact trace used for the reported test NLL."""
+    return pf.solver_settings(
+        flow,
+        divergence="exact",
+        method=args.eval_method,
+        rtol=args.eval_rtol,
+        atol=args.eval_atol,
+        options=None,
+        max_num_steps=args.eval_max_steps,
+    )
+
+
+def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Trains one flow with early stopping, restores its best parameters and evaluates it on the test set.
+
+    Its checkpoint and log live in ``<out>`` (one model) or ``<out>/<name>`` (``--model all``).
+
+    Returns:
+        The flow, its learning curves and its metrics.
+    """
+    run_dir = Path(args.out) if args.model != "all" else Path(args.out) / name
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    dim = data["train"].shape[1]
+    flow = build_flow(name, dim, args, device)
+    optimizer = pyro.optim.Adam({"lr": args.lr})
+    svi = SVI(model, guide, optimizer, Trace_ELBO())
+    checkpoint = run_dir / "checkpoint.pt"
+    state: dict[str, Any] = {
+        "losses": [],
+        "val": [],
+        "best_val": math.inf,
+        "best_step": 0,
+        "best_flow": copy.deepcopy(flow.state_dict()),
+        "bad_evals": 0,
+        "stopped": False,
+        "seconds": 0.0,
+    }
+    start = 0
+    pyro.module(name, flow)  # both objectives keep the parameters in Pyro's param store
+    if args.resume:
+        saved = load_checkpoint(checkpoint, optimizer, device)
+        # the module takes the restored parameters, then the batch-norm buffers (not in the param store)
+        pyro.module(name, flow, update_module_params=True)
+        flow.load_state_dict(saved["flow"])
+        start, state = saved["step"], saved["state"]
+    fields = ["step", "loss", "val_nll", "nfe_forward", "T", "seconds"]
+    log = CSVLog(run_dir / "log.csv", fields, start if args.resume else None)
+
+    started = time.time() - state["seconds"]
+    steps = range(start, args.num_steps if not state["stopped"] else start)
+    bar = tqdm(steps, initial=start, total=args.num_steps, disable=args.no_progress, desc=name)
+    train = data["train"]
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.bn_rows]
+    calibration = train[rows.to(device)]
+    for step in bar:
+        flow.train()
+        x = train[train_batches(len(train), args.batch_size, args.seed, step).to(device)]
+        loss = (svi.step(x, flow, name) if args.objective == "svi" else ml_step(x, flow, optimizer)) / len(x)
+        state["losses"].append(loss)
+        val = ""
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
+            calibrate_batchnorm(flow, calibration)
+            val, _ = nll(flow, data["val"], args.eval_batch_size)
+            state["val"].append((step + 1, val))
+            if val < state["best_val"]:
+                state.update(best_val=val, best_step=step + 1, best_flow=copy.deepcopy(flow.state_dict()))
+                state["bad_evals"] = 0
+            else:
+                state["bad_evals"] += 1
+            state["stopped"] = state["bad_evals"] >= args.patience
+        cnfs = flow.cnfs()
+        nfe = sum(c.nfe.forward for c in cnfs)
+        T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
+        bar.set_postfix(nll=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
+        state["seconds"] = time.time() - started
+        log.write(step=step, loss=loss, val_nll=val, nfe_forward=nfe, T=T_mean, seconds=round(state["seconds"], 2))
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.num_steps or state["stopped"]:
+            save_checkpoint(checkpoint, step + 1, optimizer, flow=flow.state_dict(), state=state, args=vars(args))
+        if state["stopped"]:
+            bar.close()
+            print(f"{name}: early stop at step {step + 1}, best validation NLL at step {state['best_step']}")
+            break
+
+    flow.load_state_dict(state["best_flow"])
+    started = time.time()
+    with evaluation_solver(flow, args) if flow.cnfs() else contextlib.nullcontext():
+        test, se = nll(flow, data["test"], args.eval_batch_size)
+        eval_nfe = sum(c.nfe.forward for c in flow.cnfs())
+    metrics = {
+        "test_nll": test,
+        "test_nll_se": se,
+        "best_val_nll": state["best_val"],
+        "best_step": state["best_step"],
+        "steps": len(state["losses"]),
+        "stopped_early": state["stopped"],
+        "train_seconds": round(state["seconds"], 1),
+        "eval_seconds": round(time.time() - started, 1),
+        "eval_nfe": eval_nfe,
+        "num_params": sum(p.numel() for p in flow.parameters()),
+    }
+    return {"flow": flow, "losses": state["losses"], "val": state["val"], "metrics": metrics}
+
+
+def moving_average(values: list[float], width: int) -> np.ndarray:
+    """Trailing moving average (shorter windows at the start)."""
+    cumsum = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    lo = np.maximum(np.arange(1, len(values) + 1) - width, 0)
+    return (cumsum[1:] - cumsum[lo]) / (np.arange(1, len(values) + 1) - lo)
+
+
+@torch.no_grad()
+def plot(path: Path, title: str, test: Tensor, results: dict[str, dict[str, Any]], gaussian: float) -> None:
+    """Learning curves (train and validation NLL vs step) and pairwise marginals of 4 dims, data vs samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dim = test.shape[1]
+    dims = sorted(set(np.linspace(0, dim - 1, min(dim, 4)).round().astype(int).tolist()))
+    pairs = list(combinations(dims, 2))
+    data = test[:2000].cpu().numpy()
+    lo, hi = np.quantile(data, 0.005, axis=0), np.quantile(data, 0.995, axis=0)
+    samples = {"data": data}
+    for name, result in results.items():
+        flow = result["flow"].eval()
+        samples[name] = flow.distribution(dim, test).sample((len(data),)).cpu().numpy()
+    fig, axes = plt.subplots(len(samples), len(pairs) + 1, figsize=(3 * (len(pairs) + 1), 3 * len(samples)))
+    axes = np.atleast_2d(axes)
+    for row, (name, points) in zip(axes, samples.items()):
+        for ax, (i, j) in zip(row[1:], pairs):
+            ax.scatter(points[:, i], points[:, j], s=1, alpha=0.3, color="k" if name == "data" else "C0")
+            ax.set_xlim(lo[i], hi[i])
+            ax.set_ylim(lo[j], hi[j])
+            ax.set_title(f"{name}: dims {i}, {j}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax = row[0]
+        if name == "data":
+            ax.axis("off")
+            ax.text(0, 0.5, f"{title}\nD = {dim}\nGaussian test NLL {gaussian:.2f}", fontsize=10, va="center")
+            continue
+        result = results[name]
+        losses = result["losses"]
+        ax.plot(np.arange(1, len(losses) + 1), moving_average(losses, 20), lw=1, label="train (moving avg.)")
+        if result["val"]:
+            ax.plot(*zip(*result["val"]), "o-", ms=3, label="validation")
+        ax.axhline(gaussian, color="k", ls="--", lw=1, label="Gaussian (test)")
+        metrics = result["metrics"]
+        ax.set_title(f"{name}: test NLL {metrics['test_nll']:.2f} ± {metrics['test_nll_se']:.2f}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("NLL (nats)")
+        ymin = min(min(losses), *(v for _, v in result["val"])) if result["val"] else min(losses)
+        ax.set_ylim(ymin - 0.05 * abs(ymin) - 1, max(gaussian, ymin) + 0.3 * abs(gaussian - ymin) + 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Loads the data, fits the Gaussian reference and each flow, writes metrics.json and the plot."""
+    device = resolve_device(args.device, args.threads)
+    data = load_data(args)
+    tensors = {split: torch.from_numpy(a).to(device) for split, a in zip(("train", "val", "test"), data.splits)}
+    gaussian, gaussian_se = gaussian_nll(tensors["train"], tensors["test"])
+    print(
+        f"{data.name}: D = {data.dim}, {len(data.train)}/{len(data.val)}/{len(data.test)} rows; "
+        f"full-covariance Gaussian test NLL {gaussian:.3f} ± {gaussian_se:.3f} nats"
+    )
+    results = {}
+    for name in MODELS if args.model == "all" else (args.model,):
+        try:
+            results[name] = fit(name, tensors, args, device)
+        except pf.ODESolveError as e:
+            raise SystemExit(f"error: {name}: the ODE solve failed ({e}); try a smaller --lr or --eval-rtol") from None
+    metrics = {
+        "data": data.name,
+        "dim": data.dim,
+        "num_train": len(data.train),
+        "num_val": len(data.val),
+        "num_test": len(data.test),
+        "gaussian_nll": gaussian,
+        "gaussian_nll_se": gaussian_se,
+        "eval_solver": {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol},
+        "models": {name: r["metrics"] for name, r in results.items()},
+    }
+    write_json(Path(args.out) / "metrics.json", metrics)
+    plot(Path(args.plot or Path(args.out) / f"tabular_{data.name}.png"), data.name, tensors["test"], results, gaussian)
+    print(f"\n{data.name} (D = {data.dim}), test NLL in nats (exact trace, {args.eval_method}):")
+    print(f"{'model':<9}{'NLL':>10}{'± SE':>8}{'seconds':>9}{'steps':>7}{'best':>6}")
+    print(f"{'gaussian':<9}{gaussian:>10.3f}{gaussian_se:>8.3f}")
+    for name, m in metrics["models"].items():
+        print(
+            f"{name:<9}{m['test_nll']:>10.3f}{m['test_nll_se']:>8.3f}{m['train_seconds']:>9.1f}"
+            f"{m['steps']:>7}{m['best_step']:>6}"
+        )
+    return metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", choices=DATASETS, default="bsds300-images")
+    source.add_argument("--csv", default=None, help="a numeric .csv/.npy table instead (split and standardized)")
+    parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
+    parser.add_argument("--num-train", type=int, default=20000, help="rows used for training (0: all)")
+    parser.add_argument("--num-val", type=int, default=2000, help="validation rows (0: all)")
+    parser.add_argument("--num-test", type=int, default=5000, help="test rows (0: all)")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="ffjord")
+    add_common_args(parser, num_steps=800, out="outputs/tabular")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam step size (paper: 1e-3)")
+    parser.add_argument("--objective", choices=["svi", "ml"], default="svi", help="Pyro SVI or plain ML loss")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between validation NLLs")
+    parser.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping")
+    parser.add_argument("--num-hidden", type=int, default=None, help="hidden layers (default: the paper's)")
+    parser.add_argument("--hidden-mult", type=int, default=None, help="hidden width / D (default: the paper's)")
+    parser.add_argument("--max-width", type=int, default=64, help="cap on the hidden width (0: none, the paper)")
+    parser.add_argument("--num-blocks", type=int, default=None, help="stacked CNFs (default: the paper's)")
+    parser.add_argument("--layer", default="concatsquash")
+    parser.add_argument("--activation", default=None, help="tanh, softplus, ... (default: the paper's)")
+    parser.add_argument("--T", type=float, default=1.0, help="initial integration time of each block")
+    parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
+    parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
+    parser.add_argument("--train-steps", type=int, default=4, help="fixed-grid steps over [0, T] (0: adaptive)")
+    parser.add_argument("--atol", type=float, default=1e-5, help="of an adaptive training solver (paper: 1e-8)")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="of an adaptive training solver (paper: 1e-6)")
+    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
+    parser.add_argument("--bn-rows", type=int, default=5000, help="train rows that set the batch-norm averages")
+    parser.add_argument("--baseline-layers", type=int, default=5, help="MAF / spline-coupling layers")
+    parser.add_argument("--eval-method", default="dopri5", help="solver of the test NLL")
+    parser.add_argument("--eval-atol", type=float, default=1e-5, help="(paper: 1e-8)")
+    parser.add_argument("--eval-rtol", type=float, default=1e-5, help="(paper: 1e-6)")
+    parser.add_argument("--eval-max-steps", type=int, default=10000, help="step budget of the test solve")
+    parser.add_argument("--eval-batch-size", type=int, default=1000)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
