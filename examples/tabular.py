@@ -32,6 +32,7 @@ import math
 import sys
 import time
 import warnings
+from functools import partial
 from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,10 +52,12 @@ from pyro_ffjord.datasets.tabular import TabularData, load_tabular
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
+    NonFiniteError,
+    Rollback,
+    TrainingGuard,
     add_common_args,
     load_checkpoint,
     resolve_device,
-    save_checkpoint,
     write_json,
 )
 
@@ -143,6 +146,7 @@ def build_flow(name: str, dim: int, args: argparse.Namespace, device: torch.devi
                 rtol=args.rtol,
                 atol=args.atol,
                 adjoint=args.adjoint,
+                max_num_steps=args.max_num_steps,
             )
             transforms.append(layer)
         elif name == "maf":
@@ -286,7 +290,10 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     dim = data["train"].shape[1]
-    flow = build_flow(name, dim, args, device)
+    try:
+        flow = build_flow(name, dim, args, device)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: invalid {name} settings: {e}") from None
     optimizer = pyro.optim.Adam({"lr": args.lr})
     svi = SVI(model, guide, optimizer, Trace_ELBO())
     checkpoint = run_dir / "checkpoint.pt"
@@ -300,32 +307,34 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         "stopped": False,
         "seconds": 0.0,
     }
-    start = 0
+    start, saved = 0, None
     pyro.module(name, flow)  # both objectives keep the parameters in Pyro's param store
     if args.resume:
         saved = load_checkpoint(checkpoint, optimizer, device)
         # the module takes the restored parameters, then the batch-norm buffers (not in the param store)
         pyro.module(name, flow, update_module_params=True)
-        flow.load_state_dict(saved["flow"])
+        flow.load_state_dict(saved["module"] if "module" in saved else saved["flow"])
         start, state = saved["step"], saved["state"]
     fields = ["step", "loss", "val_nll", "nfe_forward", "T", "seconds"]
     log = CSVLog(run_dir / "log.csv", fields, start if args.resume else None)
 
-    started = time.time() - state["seconds"]
-    steps = range(start, args.num_steps if not state["stopped"] else start)
-    bar = tqdm(steps, initial=start, total=args.num_steps, disable=args.no_progress, desc=name)
     train = data["train"]
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.bn_rows]
     calibration = train[rows.to(device)]
-    for step in bar:
+
+    def train_step(step: int, state: dict[str, Any]) -> float:
+        """One optimizer step, and the validation NLL when it is due (recorded in ``state``)."""
         flow.train()
-        x = train[train_batches(len(train), args.batch_size, args.seed, step).to(device)]
+        x = train[train_batches(len(train), args.batch_size, guard.data_seed, step).to(device)]
         loss = (svi.step(x, flow, name) if args.objective == "svi" else ml_step(x, flow, optimizer)) / len(x)
         state["losses"].append(loss)
-        val = ""
+        state["last_val"] = ""
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             calibrate_batchnorm(flow, calibration)
             val, _ = nll(flow, data["val"], args.eval_batch_size)
+            if not math.isfinite(val):
+                raise NonFiniteError(f"the validation NLL is {val}", after_update=False)
+            state["last_val"] = val
             state["val"].append((step + 1, val))
             if val < state["best_val"]:
                 state.update(best_val=val, best_step=step + 1, best_flow=copy.deepcopy(flow.state_dict()))
@@ -333,18 +342,34 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
             else:
                 state["bad_evals"] += 1
             state["stopped"] = state["bad_evals"] >= args.patience
-        cnfs = flow.cnfs()
-        nfe = sum(c.nfe.forward for c in cnfs)
-        T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
-        bar.set_postfix(nll=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
-        state["seconds"] = time.time() - started
-        log.write(step=step, loss=loss, val_nll=val, nfe_forward=nfe, T=T_mean, seconds=round(state["seconds"], 2))
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.num_steps or state["stopped"]:
-            save_checkpoint(checkpoint, step + 1, optimizer, flow=flow.state_dict(), state=state, args=vars(args))
-        if state["stopped"]:
-            bar.close()
-            print(f"{name}: early stop at step {step + 1}, best validation NLL at step {state['best_step']}")
-            break
+        return loss
+
+    started = time.time() - state["seconds"]
+    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress, desc=name)
+    step = start
+    with TrainingGuard(args, checkpoint, optimizer, flow, log=log, bar=bar, resumed=saved) as guard:
+        while step < args.num_steps and not state["stopped"]:
+            outcome = guard.run(step, partial(train_step, step, state), state=state)
+            if isinstance(outcome, Rollback):  # a recovered solver fault or NaN
+                step, state = outcome.step, outcome.extra["state"]
+                continue
+            loss = outcome
+            cnfs = flow.cnfs()
+            nfe = sum(c.nfe.forward for c in cnfs)
+            T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
+            bar.set_postfix(nll=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
+            bar.update()
+            state["seconds"] = time.time() - started
+            val = state.pop("last_val")
+            log.write(step=step, loss=loss, val_nll=val, nfe_forward=nfe, T=T_mean, seconds=round(state["seconds"], 2))
+            step += 1
+            if step % args.checkpoint_every == 0 or step == args.num_steps or state["stopped"]:
+                guard.save(step, state=state)
+            if state["stopped"]:
+                bar.close()
+                print(f"{name}: early stop at step {step}, best validation NLL at step {state['best_step']}")
+            guard.exit_if_interrupted(step, state=state)
+    bar.close()
 
     flow.load_state_dict(state["best_flow"])
     started = time.time()

@@ -16,6 +16,7 @@ import argparse
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pyro
@@ -31,10 +32,11 @@ from pyro_ffjord.datasets.toy import TOY_DATASETS, sample_toy, toy_log_density
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
+    Rollback,
+    TrainingGuard,
     add_common_args,
     load_checkpoint,
     resolve_device,
-    save_checkpoint,
     write_json,
 )
 
@@ -54,11 +56,12 @@ def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
             T=args.T,
             train_T=not args.fixed_T,
             divergence=args.divergence,
-            method=args.train_method,
+            method=args.train_method or ("rk4" if args.train_steps else "dopri5"),
             options={"step_size": args.T / args.train_steps} if args.train_steps else None,
             rtol=args.tol,
             atol=args.tol,
             adjoint=args.adjoint,
+            max_num_steps=args.max_num_steps,
             regularization=regularization,
         )
         for _ in range(args.num_blocks)
@@ -69,10 +72,14 @@ def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
 def model(x: torch.Tensor, flow: ComposeTransformModule) -> None:
     pyro.module("flow", flow)
     base = dist.Normal(x.new_zeros(2), 1.0).to_event(1)
+    d = dist.TransformedDistribution(base, [flow])
     with pyro.plate("data", len(x)):
-        pyro.sample("x", dist.TransformedDistribution(base, [flow]), obs=x)
-    # RNODE penalty of the solve above (zero when no regularization is set)
-    pyro.factor("rnode", -len(x) * regularization(flow))
+        pyro.sample("x", d, obs=x)
+    if any(block.flow.regularization for block in flow.parts):
+        # Pyro scores sample statements lazily, after the model has run: score x now, so that the RNODE
+        # penalty belongs to this step's solve (the later score is answered from the transform's cache).
+        d.log_prob(x)
+        pyro.factor("rnode", -len(x) * regularization(flow))
 
 
 def guide(x: torch.Tensor, flow: ComposeTransformModule) -> None:
@@ -98,7 +105,13 @@ def ml_step(x: torch.Tensor, flow: ComposeTransformModule, optimizer: pyro.optim
 def evaluation_solver(flow: ComposeTransformModule, args: argparse.Namespace):
     """The adaptive solver with the exact trace used for every reported number."""
     return pf.solver_settings(
-        flow, divergence="exact", method=args.eval_method, rtol=args.eval_tol, atol=args.eval_tol, options=None
+        flow,
+        divergence="exact",
+        method=args.eval_method,
+        rtol=args.eval_tol,
+        atol=args.eval_tol,
+        options=None,
+        max_num_steps=args.eval_max_steps,
     )
 
 
@@ -157,7 +170,10 @@ def main(args: argparse.Namespace) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     out = Path(args.out)
-    flow = build_flow(args).to(device)
+    try:
+        flow = build_flow(args).to(device)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: invalid flow settings: {e}") from None
     test = sample_toy(args.data, args.num_test, seed=args.seed + 10_000).float().to(device)
 
     # cosine decay of the learning rate over the whole run
@@ -169,7 +185,7 @@ def main(args: argparse.Namespace) -> dict:
         }
     )
     svi = SVI(model, guide, scheduler, Trace_ELBO())
-    start, losses = 0, []
+    start, losses, state = 0, [], None
     checkpoint = out / "checkpoint.pt"
     pyro.module("flow", flow)  # both objectives keep the parameters in Pyro's param store
     if args.resume:
@@ -178,18 +194,32 @@ def main(args: argparse.Namespace) -> dict:
         start, losses = state["step"], state["losses"]
     log = CSVLog(out / "log.csv", ["step", "loss", "nfe_forward", "T", "seconds"], start if args.resume else None)
 
+    def train_step(x: torch.Tensor) -> float:
+        return (svi.step(x, flow) if args.objective == "svi" else ml_step(x, flow, scheduler)) / len(x)
+
     started = time.time()
-    bar = tqdm(range(start, args.num_steps), initial=start, total=args.num_steps, disable=args.no_progress)
-    for step in bar:
-        x = sample_toy(args.data, args.batch_size, seed=args.seed * 1_000_003 + step).float().to(device)
-        loss = (svi.step(x, flow) if args.objective == "svi" else ml_step(x, flow, scheduler)) / len(x)
-        losses.append(loss)
-        nfe, T = flow.parts[0].nfe.forward, flow.parts[0].T.item()
-        bar.set_postfix(nll=f"{loss:.3f}", nfe=nfe, T=f"{T:.3f}")
-        log.write(step=step, loss=loss, nfe_forward=nfe, T=T, seconds=round(time.time() - started, 2))
-        scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.num_steps:
-            save_checkpoint(checkpoint, step + 1, scheduler, losses=losses, args=vars(args))
+    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress)
+    step = start
+    with TrainingGuard(args, checkpoint, scheduler, flow, log=log, bar=bar, resumed=state) as guard:
+        while step < args.num_steps:
+            seed = guard.data_seed * 1_000_003 + step
+            x = sample_toy(args.data, args.batch_size, seed=seed).float().to(device)
+            outcome = guard.run(step, partial(train_step, x), losses=losses)
+            if isinstance(outcome, Rollback):  # a recovered solver fault or NaN
+                step, losses = outcome.step, outcome.extra["losses"]
+                continue
+            loss = outcome
+            losses.append(loss)
+            nfe, T = flow.parts[0].nfe.forward, flow.parts[0].T.item()
+            bar.set_postfix(nll=f"{loss:.3f}", nfe=nfe, T=f"{T:.3f}")
+            bar.update()
+            log.write(step=step, loss=loss, nfe_forward=nfe, T=T, seconds=round(time.time() - started, 2))
+            scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
+            step += 1
+            if step % args.checkpoint_every == 0 or step == args.num_steps:
+                guard.save(step, losses=losses)
+            guard.exit_if_interrupted(step, losses=losses)
+    bar.close()
     train_seconds = time.time() - started
 
     with evaluation_solver(flow, args):
@@ -228,7 +258,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--T", type=float, default=0.5, help="initial integration time")
     parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
     parser.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact", help="training trace")
-    parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
+    parser.add_argument(
+        "--train-method", default=None, help="training solver (default: rk4, or dopri5 with --train-steps 0)"
+    )
     parser.add_argument("--train-steps", type=int, default=4, help="fixed-grid steps over [0, T] (0: adaptive)")
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol=atol of an adaptive training solver")
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
@@ -236,6 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jacobian", type=float, default=0.0, help="RNODE Jacobian-norm weight")
     parser.add_argument("--eval-method", default="dopri5")
     parser.add_argument("--eval-tol", type=float, default=1e-5)
+    parser.add_argument("--eval-max-steps", type=int, default=1000, help="step budget of the evaluation solves")
     parser.add_argument("--num-test", type=int, default=20000)
     parser.add_argument("--eval-batch-size", type=int, default=10000)
     parser.add_argument("--plot-resolution", type=int, default=200, help="density grid points per axis")

@@ -67,7 +67,7 @@ class CNFDynamics:
         phase = "adjoint backward" if self.forward_done else "forward"
         return ODESolveError(
             f"CNF {phase} solve {what}: method={f.method!r}, rtol={f.rtol}, atol={f.atol}, "
-            f"T={float(self.T):.4g}, nfe={nfe}, max_num_steps={f.max_num_steps}"
+            f"T={float(self.T.detach()):.4g}, nfe={nfe}, max_num_steps={f.max_num_steps}"
         )
 
     def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -139,10 +139,18 @@ class ContinuousFlow(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        for name, value, least in (("input_dim", input_dim, 1), ("context_dim", context_dim, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            declared = getattr(net, name, value)  # nets that declare their sizes (ODENet does) must agree
+            if declared != value:
+                raise ValueError(f"net has {name}={declared} but the flow was given {name}={value}")
         if isinstance(T, bool) or not isinstance(T, (int, float)) or not 0 < T < math.inf:
             raise ValueError(f"T must be a positive finite number, got {T!r}")
         if not isinstance(train_T, bool):
             raise TypeError(f"train_T must be a bool, got {train_T!r}")
+        if regularization is not None and not isinstance(regularization, Mapping):
+            raise TypeError(f"regularization must be a dict of weights, got {type(regularization).__name__}")
         regularization = dict(regularization or {})
         unknown = set(regularization) - set(REGULARIZERS)
         if unknown:
@@ -220,7 +228,13 @@ class ContinuousFlow(nn.Module):
     def _solver_options(self, T: Tensor) -> dict[str, Any]:
         if is_fixed_grid(self.method) and "step_size" in self.options:
             # step_size is given in units of t; the solver runs in s = t / T.
-            return {**self.options, "step_size": self.options["step_size"] / float(T.detach())}
+            num_steps = float(T.detach()) / self.options["step_size"]
+            if not num_steps <= self.max_num_steps:
+                raise ODESolveError(
+                    f"{self.method} with step_size={self.options['step_size']} needs {num_steps:.3g} steps to "
+                    f"cover T={float(T.detach()):.4g}, more than max_num_steps={self.max_num_steps}"
+                )
+            return {**self.options, "step_size": 1.0 / max(num_steps, 1.0)}
         return self.options
 
     def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:

@@ -125,6 +125,8 @@ class ODENet(nn.Module):
         for name, value in (("input_dim", input_dim), ("context_dim", context_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (name == "input_dim"):
                 raise ValueError(f"{name} must be a non-negative integer (positive for input_dim), got {value!r}")
+        if not isinstance(hidden_dims, Sequence) or isinstance(hidden_dims, str):
+            raise TypeError(f"hidden_dims must be a sequence of positive integers, got {hidden_dims!r}")
         hidden_dims = tuple(hidden_dims)
         if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden_dims):
             raise ValueError(f"hidden_dims must be a sequence of positive integers, got {hidden_dims!r}")

@@ -72,9 +72,9 @@ def check_solver_options(method: str, rtol: float, atol: float, options: Mapping
         if step_size is None and options.get("grid_constructor") is None:
             raise ValueError(f"fixed-grid method {method!r} needs options={{'step_size': h}} with h > 0")
         if step_size is not None and (
-            isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0
+            isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf")
         ):
-            raise ValueError(f"options['step_size'] must be a positive number, got {step_size!r}")
+            raise ValueError(f"options['step_size'] must be a positive finite number, got {step_size!r}")
     return dict(options)
 
 

@@ -304,6 +304,8 @@ def solver_settings(module: torch.nn.Module, **settings: Any) -> Iterator[None]:
         >>> t.flow.method
         'rk4'
     """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module containing CNFs, got {type(module).__name__}")
     flows = [m for m in module.modules() if isinstance(m, ContinuousFlow)]
     if not flows:
         raise ValueError(f"module {type(module).__name__} contains no CNF")

@@ -1,6 +1,7 @@
 """Smoke-runs every example with tiny settings; a new example without an entry here fails."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -105,3 +106,9 @@ def test_toy_killed_run_resumes_to_the_same_result(tmp_path):
     assert resumed["test_nll"] == expected["test_nll"]
     steps = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
     assert steps == list(range(60))
+
+
+def test_toy_rnode_penalty_trains_under_svi(tmp_path):
+    """The RNODE factor must belong to the current step's solve (Pyro scores sample sites lazily)."""
+    run("toy_2d.py", [*TINY["toy_2d.py"], "--kinetic", "0.1", "--jacobian", "0.1", "--out", str(tmp_path)])
+    assert math.isfinite(json.loads((tmp_path / "metrics.json").read_text())["test_nll"])

@@ -1,19 +1,30 @@
-"""Training-loop utilities shared by the examples: atomic checkpoints, resume, RNG state, logging."""
+"""Training-loop utilities shared by the examples: atomic checkpoints, resume, RNG state, logging, and the
+:class:`TrainingGuard` that handles solver faults, non-finite numbers and SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
+import math
 import os
 import random
+import shlex
+import signal
+import sys
 import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyro
 import torch
+
+from pyro_ffjord import ODESolveError
 
 
 def add_common_args(parser: argparse.ArgumentParser, num_steps: int, out: str) -> None:
@@ -27,6 +38,7 @@ def add_common_args(parser: argparse.ArgumentParser, num_steps: int, out: str) -
     parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    add_fault_args(parser)
 
 
 def resolve_device(name: str, threads: int | None = None) -> torch.device:
@@ -115,6 +127,13 @@ class CSVLog:
         with open(path, "w", newline="") as f:
             csv.writer(f).writerows([fields, *rows])
 
+    def truncate(self, step: int) -> None:
+        """Drops the rows of steps ``>= step`` (after a rollback to the state before ``step``)."""
+        with open(self.path, newline="") as f:
+            rows = [row for row in list(csv.reader(f))[1:] if row and int(row[0]) < step]
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerows([self.fields, *rows])
+
     def write(self, **row: Any) -> None:
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([row[name] for name in self.fields])
@@ -126,3 +145,365 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fault handling: solver failures, non-finite numbers and SIGINT/SIGTERM during training.
+
+FAULT_POLICIES = ("stop", "reduce-lr", "restart-from-checkpoint")
+# Stride between the data/noise seeds of successive restarts (``--on-nan restart-from-checkpoint``).
+SEED_STRIDE = 7919
+
+
+def add_fault_args(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--on-nan``, ``--max-retries`` and ``--max-num-steps``."""
+    parser.add_argument(
+        "--on-nan",
+        choices=FAULT_POLICIES,
+        default="stop",
+        help="what to do when a training solve fails or a loss/parameter is non-finite: stop with a checkpoint "
+        "of the last good state, restore it and halve the learning rate, or reload the last checkpoint and "
+        "continue with other data/noise seeds",
+    )
+    parser.add_argument("--max-retries", type=int, default=3, help="recoveries allowed before stopping")
+    parser.add_argument(
+        "--max-num-steps", type=int, default=1000, help="solver steps allowed per training solve (step budget)"
+    )
+
+
+class NonFiniteError(ArithmeticError):
+    """A non-finite training loss, or parameters made non-finite by an update."""
+
+    def __init__(self, message: str, after_update: bool) -> None:
+        super().__init__(message)
+        self.after_update = after_update
+
+
+class Rollback(NamedTuple):
+    """What :meth:`TrainingGuard.run` returns after a recovery: the step to continue from and the
+    restored values of the ``extra`` state given to it."""
+
+    step: int
+    extra: dict[str, Any]
+
+
+def solver_fault(error: BaseException) -> ODESolveError | NonFiniteError | None:
+    """The :class:`~pyro_ffjord.ODESolveError` or :class:`NonFiniteError` behind ``error``, if any.
+
+    Pyro re-raises an error inside a distribution's ``log_prob`` as a plain ``ValueError`` ("Error while
+    computing log_prob at site ...") chained to the original, so the cause chain is searched.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (ODESolveError, NonFiniteError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _is_scheduler(obj: Any) -> bool:
+    return hasattr(obj, "optimizer") and hasattr(obj, "base_lrs")
+
+
+def _optimizer_states(optimizer: pyro.optim.PyroOptim) -> dict[str, Any]:
+    """A deep copy of the optimizer's per-parameter states, those not yet consumed after a resume included."""
+    states = copy.deepcopy(getattr(optimizer, "_state_waiting_to_be_consumed", {}))
+    states.update(copy.deepcopy(optimizer.get_state()))
+    return states
+
+
+def _restore_optimizer(optimizer: pyro.optim.PyroOptim, states: dict[str, Any]) -> None:
+    """Loads ``states`` (from :func:`_optimizer_states` or a checkpoint) into the optimizer in place.
+
+    Parameters without a saved state lose their optimizer, which is created afresh at the next step.
+    """
+    store = pyro.get_param_store()
+    pending = dict(states)
+    for param in list(optimizer.optim_objs):
+        obj, state = optimizer.optim_objs[param], pending.pop(store.param_name(param), None)
+        if state is None:
+            del optimizer.optim_objs[param]
+            optimizer.grad_clip.pop(param, None)
+        elif _is_scheduler(obj):
+            obj.load_state_dict(copy.deepcopy(state["scheduler"]))
+            obj.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        else:
+            obj.load_state_dict(copy.deepcopy(state))
+    optimizer._state_waiting_to_be_consumed = copy.deepcopy(pending)
+
+
+def _scale_constructor_lr(optimizer: pyro.optim.PyroOptim, factor: float) -> None:
+    if isinstance(optimizer.pt_optim_args, dict) and "lr" in optimizer.pt_optim_args:
+        optimizer.pt_optim_args = {**optimizer.pt_optim_args, "lr": optimizer.pt_optim_args["lr"] * factor}
+
+
+def scale_learning_rate(optimizer: pyro.optim.PyroOptim, factor: float) -> None:
+    """Multiplies every learning rate of a Pyro optimizer or LR scheduler by ``factor``: the live torch
+    optimizers, the schedulers' base rates, the states waiting to be loaded and the constructor's rate."""
+
+    def scale_state(state: dict[str, Any]) -> None:
+        if "scheduler" in state and "optimizer" in state:
+            scheduler = state["scheduler"]
+            scheduler["base_lrs"] = [lr * factor for lr in scheduler.get("base_lrs", [])]
+            scale_state(state["optimizer"])
+        for group in state.get("param_groups", []):
+            group["lr"] *= factor
+
+    _scale_constructor_lr(optimizer, factor)
+    for obj in optimizer.optim_objs.values():
+        if _is_scheduler(obj):
+            obj.base_lrs = [lr * factor for lr in obj.base_lrs]
+            obj = obj.optimizer
+        for group in obj.param_groups:
+            group["lr"] *= factor
+    for state in getattr(optimizer, "_state_waiting_to_be_consumed", {}).values():
+        scale_state(state)
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line of this run with ``--resume`` added."""
+    argv = sys.argv if argv is None else argv
+    return shlex.join(["python", argv[0], *(a for a in argv[1:] if a != "--resume"), "--resume"])
+
+
+class TrainingGuard:
+    """Runs the steps of a training loop so that nothing is lost and no NaN goes unnoticed.
+
+    * Before each step it keeps an in-memory snapshot of the last good state: the module's parameters
+      and buffers, the optimizer's state, the RNG states and the example's own ``extra`` state.
+    * A step that raises :class:`pyro_ffjord.ODESolveError` (step budget exceeded, non-finite
+      dynamics), returns a non-finite loss or leaves non-finite parameters is a fault, answered by
+      ``--on-nan``:
+
+      - ``stop`` (default): save the state from before the failing step as the checkpoint (never a
+        NaN state) and exit with a one-paragraph message (exit code 1);
+      - ``reduce-lr``: restore the last good parameters and optimizer state and halve the learning
+        rate. When the failing step's own update made the parameters non-finite, that is the state
+        before the failing step; when the failing step's solve or loss failed, its parameters came
+        from the previous step's update, so the state before the previous step is restored and that
+        step is repeated;
+      - ``restart-from-checkpoint``: reload the last checkpoint and continue from it with other data
+        and noise seeds (:attr:`data_seed` changes).
+
+      At most ``--max-retries`` recoveries per run; the next fault stops as above.
+    * The first SIGINT/SIGTERM lets the current step finish; :meth:`exit_if_interrupted` then writes
+      a checkpoint atomically and exits with a message saying how to resume. A second signal acts at
+      once (KeyboardInterrupt for SIGINT, the default action for SIGTERM).
+
+    Use it as a context manager (the signal handlers are installed on entry and restored on exit)::
+
+        with TrainingGuard(args, checkpoint, optimizer, flow, log=log, bar=bar) as guard:
+            while step < args.num_steps:
+                outcome = guard.run(step, lambda: train_step(step), losses=losses)
+                if isinstance(outcome, Rollback):
+                    step, losses = outcome.step, outcome.extra["losses"]
+                    continue
+                ...
+                step += 1
+                guard.exit_if_interrupted(step, losses=losses)
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        checkpoint: Path,
+        optimizer: pyro.optim.PyroOptim,
+        module: torch.nn.Module,
+        *,
+        log: CSVLog | None = None,
+        bar: Any = None,
+        resumed: dict[str, Any] | None = None,
+    ) -> None:
+        if args.max_retries < 0:
+            raise SystemExit(f"--max-retries must be >= 0, got {args.max_retries}")
+        self.args = args
+        self.path = checkpoint
+        self.optimizer = optimizer
+        self.module = module
+        self.log = log
+        self.bar = bar
+        self.policy = args.on_nan
+        self.max_retries = args.max_retries
+        self.retries = 0
+        self.seed_offset = 0
+        self.lr_scale = 1.0
+        self.signum: int | None = None
+        self._snapshots: deque[dict[str, Any]] = deque(maxlen=2)
+        self._previous_handlers: dict[int, Any] = {}
+        self._need_initial_checkpoint = resumed is None and self.policy == "restart-from-checkpoint"
+        if resumed is not None and "fault" in resumed:
+            fault = resumed["fault"]
+            # a resumed run keeps its seed offset and learning-rate scale, and gets --max-retries afresh
+            self.seed_offset, self.lr_scale = fault["seed_offset"], fault["lr_scale"]
+            _scale_constructor_lr(optimizer, self.lr_scale)  # for optimizers created after the resume
+
+    # -- context manager: signal handlers -------------------------------------------------------
+    def __enter__(self) -> TrainingGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # second signal: act now
+            signal.signal(signum, self._previous_handlers.get(signum, signal.SIG_DFL))
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(
+            f"\nreceived {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # -- state --------------------------------------------------------------------------------------
+    @property
+    def data_seed(self) -> int:
+        """The seed of the training batches: ``--seed``, shifted after each restart from a checkpoint."""
+        return self.args.seed + SEED_STRIDE * self.seed_offset
+
+    def state(self) -> dict[str, Any]:
+        """The guard's counters, saved in every checkpoint and restored by ``resumed=``."""
+        return {"retries": self.retries, "seed_offset": self.seed_offset, "lr_scale": self.lr_scale}
+
+    def save(self, step: int, **extra: Any) -> None:
+        """Atomically checkpoints the current state (see :func:`save_checkpoint`) with the module's state dict."""
+        save_checkpoint(
+            self.path,
+            step,
+            self.optimizer,
+            module=self.module.state_dict(),
+            fault=self.state(),
+            args=vars(self.args),
+            **extra,
+        )
+
+    def _snapshot(self, step: int, extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": step,
+            "module": copy.deepcopy(self.module.state_dict()),
+            "optimizer": _optimizer_states(self.optimizer),
+            "rng": rng_state(),
+            "extra": copy.deepcopy(extra),
+            "lr_scale": self.lr_scale,
+        }
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        for p in self.module.parameters():
+            p.grad = None
+        for p in self.optimizer.optim_objs:
+            p.grad = None
+        self.module.load_state_dict(snapshot["module"])
+        _restore_optimizer(self.optimizer, snapshot["optimizer"])
+        set_rng_state(snapshot["rng"])
+        if self.lr_scale != snapshot["lr_scale"]:
+            scale_learning_rate(self.optimizer, self.lr_scale / snapshot["lr_scale"])
+        if self.log is not None:
+            self.log.truncate(snapshot["step"])
+        if self.bar is not None:
+            self.bar.n = snapshot["step"]
+            self.bar.refresh()
+
+    def _checkpoint_snapshot(self, keys: list[str]) -> dict[str, Any]:
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {self.path}")
+        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        return {
+            "step": saved["step"],
+            "module": saved["module"],
+            "optimizer": saved["optimizer"],
+            "rng": saved["rng"],
+            "extra": {key: saved[key] for key in keys},
+            "lr_scale": saved["fault"]["lr_scale"],
+        }
+
+    # -- the step -----------------------------------------------------------------------------------
+    def run(self, step: int, fn: Callable[[], float], **extra: Any) -> float | Rollback:
+        """Runs ``fn`` (one training step, returning its loss) as step ``step``.
+
+        ``extra`` is the example's state that the step changes (lists of losses, early-stopping
+        state...); it is snapshotted with the parameters and handed back restored in a
+        :class:`Rollback`. Returns the loss, or a :class:`Rollback` after a recovered fault; raises
+        ``SystemExit`` when the fault is not recovered.
+        """
+        if self._need_initial_checkpoint:  # a restart needs a checkpoint of this run, even at step 0
+            self.save(step, **extra)
+            self._need_initial_checkpoint = False
+        self._snapshots.append(self._snapshot(step, extra))
+        try:
+            loss = fn()
+            if not math.isfinite(loss):
+                raise NonFiniteError(f"the training loss is {loss}", after_update=False)
+            bad = [name for name, p in self.module.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise NonFiniteError(f"the update made parameters {bad[:3]} non-finite", after_update=True)
+        except Exception as error:
+            fault = solver_fault(error)
+            if fault is None:
+                raise
+            return self._recover(step, fault, list(extra))
+        return loss
+
+    def _recover(self, step: int, error: Exception, keys: list[str]) -> Rollback:
+        before = self._snapshots[-1]  # the state before the failing step: finite, as every snapshot
+        what = f"step {step} failed: {type(error).__name__}: {error}"
+        if self.policy == "stop" or self.retries >= self.max_retries:
+            self._stop(what, before)
+        self.retries += 1
+        if self.policy == "reduce-lr":
+            after_update = isinstance(error, NonFiniteError) and error.after_update
+            target = before if after_update or len(self._snapshots) == 1 else self._snapshots[0]
+            self.lr_scale /= 2
+            action = f"restored the state before step {target['step']} and halved the learning rate"
+        else:
+            target = self._checkpoint_snapshot(keys)
+            self.seed_offset += 1
+            action = f"reloaded the checkpoint of step {target['step']} and changed the data/noise seed offset"
+        self._snapshots.clear()
+        self._restore(target)
+        if self.policy == "restart-from-checkpoint":
+            pyro.set_rng_seed(self.data_seed + target["step"])
+        self._snapshots.append(target)
+        print(
+            f"warning: {what}; {action} (retry {self.retries}/{self.max_retries}, learning rate x{self.lr_scale:g})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return Rollback(target["step"], copy.deepcopy(target["extra"]))
+
+    def _stop(self, what: str, before: dict[str, Any]) -> None:
+        self._restore(before)
+        self.save(before["step"], **before["extra"])
+        if self.bar is not None:
+            self.bar.close()
+        retried = f" after {self.retries} recoveries" if self.retries else ""
+        raise SystemExit(
+            f"error: training stopped{retried}: {what}. The last good state (before step {before['step']}) is "
+            f"saved in {self.path}. Try a smaller --lr, a larger --max-num-steps or looser tolerances, or let "
+            f"training recover with --on-nan reduce-lr or --on-nan restart-from-checkpoint (--max-retries "
+            f"{self.max_retries}); continue with: {resume_command()}"
+        )
+
+    def exit_if_interrupted(self, step: int, **extra: Any) -> None:
+        """After a step: on a pending SIGINT/SIGTERM, checkpoint ``step`` atomically and exit (128 + signal)."""
+        if self.signum is None:
+            return
+        self.save(step, **extra)
+        if self.bar is not None:
+            self.bar.close()
+        print(
+            f"interrupted by {signal.Signals(self.signum).name} after step {step}: checkpoint saved in {self.path}. "
+            f"Resume with: {resume_command()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + self.signum)
