@@ -56,6 +56,8 @@ from common.training import (  # noqa: E402
     Rollback,
     TrainingGuard,
     add_common_args,
+    add_evaluation_args,
+    evaluation_solver,
     load_checkpoint,
     resolve_device,
     write_json,
@@ -263,19 +265,6 @@ def train_batches(n: int, batch_size: int, seed: int, step: int) -> Tensor:
     epoch, i = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[i * batch_size : (i + 1) * batch_size]
-
-
-def evaluation_solver(flow: Flow, args: argparse.Namespace):
-    """The adaptive solver with the exact trace used for the reported test NLL."""
-    return pf.solver_settings(
-        flow,
-        divergence="exact",
-        method=args.eval_method,
-        rtol=args.eval_rtol,
-        atol=args.eval_atol,
-        options=None,
-        max_num_steps=args.eval_max_steps,
-    )
 
 
 def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -520,10 +509,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
     parser.add_argument("--bn-rows", type=int, default=5000, help="train rows that set the batch-norm averages")
     parser.add_argument("--baseline-layers", type=int, default=5, help="MAF / spline-coupling layers")
-    parser.add_argument("--eval-method", default="dopri5", help="solver of the test NLL")
-    parser.add_argument("--eval-atol", type=float, default=1e-5, help="(paper: 1e-8)")
-    parser.add_argument("--eval-rtol", type=float, default=1e-5, help="(paper: 1e-6)")
-    parser.add_argument("--eval-max-steps", type=int, default=10000, help="step budget of the test solve")
+    add_evaluation_args(parser, tol=1e-5, max_steps=10000)  # the paper: atol 1e-8, rtol 1e-6
     parser.add_argument("--eval-batch-size", type=int, default=1000)
     return parser.parse_args(argv)
 

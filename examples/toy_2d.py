@@ -35,6 +35,8 @@ from common.training import (  # noqa: E402
     Rollback,
     TrainingGuard,
     add_common_args,
+    add_evaluation_args,
+    evaluation_solver,
     load_checkpoint,
     resolve_device,
     write_json,
@@ -100,19 +102,6 @@ def ml_step(x: torch.Tensor, flow: ComposeTransformModule, optimizer: pyro.optim
     for p in params.values():
         p.grad = None
     return loss.item()
-
-
-def evaluation_solver(flow: ComposeTransformModule, args: argparse.Namespace):
-    """The adaptive solver with the exact trace used for every reported number."""
-    return pf.solver_settings(
-        flow,
-        divergence="exact",
-        method=args.eval_method,
-        rtol=args.eval_tol,
-        atol=args.eval_tol,
-        options=None,
-        max_num_steps=args.eval_max_steps,
-    )
 
 
 @torch.no_grad()
@@ -238,9 +227,8 @@ def main(args: argparse.Namespace) -> dict:
         plot(Path(args.plot or out / f"toy_{args.data}.png"), args, flow, test, losses, metrics)
     write_json(out / "metrics.json", metrics)
     true = "" if metrics["true_nll"] is None else f"  true NLL {metrics['true_nll']:.3f} nats"
-    print(
-        f"{args.data}: test NLL {nll:.3f} ± {se:.3f} nats (exact trace, {args.eval_method} tol {args.eval_tol}){true}"
-    )
+    solver = f"exact trace, {args.eval_method} rtol {args.eval_rtol} atol {args.eval_atol}"
+    print(f"{args.data}: test NLL {nll:.3f} ± {se:.3f} nats ({solver}){true}")
     return metrics
 
 
@@ -266,9 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
     parser.add_argument("--kinetic", type=float, default=0.0, help="RNODE kinetic-energy weight")
     parser.add_argument("--jacobian", type=float, default=0.0, help="RNODE Jacobian-norm weight")
-    parser.add_argument("--eval-method", default="dopri5")
-    parser.add_argument("--eval-tol", type=float, default=1e-5)
-    parser.add_argument("--eval-max-steps", type=int, default=1000, help="step budget of the evaluation solves")
+    add_evaluation_args(parser, tol=1e-5, max_steps=1000)
     parser.add_argument("--num-test", type=int, default=20000)
     parser.add_argument("--eval-batch-size", type=int, default=10000)
     parser.add_argument("--plot-resolution", type=int, default=200, help="density grid points per axis")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -24,7 +25,7 @@ import numpy as np
 import pyro
 import torch
 
-from pyro_ffjord import ODESolveError
+import pyro_ffjord as pf
 
 
 def add_common_args(parser: argparse.ArgumentParser, num_steps: int, out: str) -> None:
@@ -39,6 +40,27 @@ def add_common_args(parser: argparse.ArgumentParser, num_steps: int, out: str) -
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     add_fault_args(parser)
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser, tol: float, max_steps: int) -> None:
+    """Flags of the solver behind every reported number (adaptive, exact trace)."""
+    parser.add_argument("--eval-method", default="dopri5", help="adaptive torchdiffeq solver for evaluation")
+    parser.add_argument("--eval-rtol", type=float, default=tol, help="relative tolerance of the evaluation solves")
+    parser.add_argument("--eval-atol", type=float, default=tol, help="absolute tolerance of the evaluation solves")
+    parser.add_argument("--eval-max-steps", type=int, default=max_steps, help="step budget of the evaluation solves")
+
+
+def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Switches every CNF in ``module`` to the evaluation solver of :func:`add_evaluation_args`."""
+    return pf.solver_settings(
+        module,
+        divergence="exact",
+        method=args.eval_method,
+        rtol=args.eval_rtol,
+        atol=args.eval_atol,
+        options=None,
+        max_num_steps=args.eval_max_steps,
+    )
 
 
 def resolve_device(name: str, threads: int | None = None) -> torch.device:
@@ -187,15 +209,15 @@ class Rollback(NamedTuple):
     extra: dict[str, Any]
 
 
-def solver_fault(error: BaseException) -> ODESolveError | NonFiniteError | None:
-    """The :class:`~pyro_ffjord.ODESolveError` or :class:`NonFiniteError` behind ``error``, if any.
+def solver_fault(error: BaseException) -> pf.ODESolveError | NonFiniteError | None:
+    """The :class:`~pyro_ffjord.pf.ODESolveError` or :class:`NonFiniteError` behind ``error``, if any.
 
     Pyro re-raises an error inside a distribution's ``log_prob`` as a plain ``ValueError`` ("Error while
     computing log_prob at site ...") chained to the original, so the cause chain is searched.
     """
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, (ODESolveError, NonFiniteError)):
+        if isinstance(error, (pf.ODESolveError, NonFiniteError)):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
@@ -272,7 +294,7 @@ class TrainingGuard:
 
     * Before each step it keeps an in-memory snapshot of the last good state: the module's parameters
       and buffers, the optimizer's state, the RNG states and the example's own ``extra`` state.
-    * A step that raises :class:`pyro_ffjord.ODESolveError` (step budget exceeded, non-finite
+    * A step that raises :class:`pyro_ffjord.pf.ODESolveError` (step budget exceeded, non-finite
       dynamics), returns a non-finite loss or leaves non-finite parameters is a fault, answered by
       ``--on-nan``:
 
