@@ -124,3 +124,10 @@ def test_budget_applies_to_adjoint_backward():
     assert t.nfe.forward == 4
     loss.backward()
     assert t.nfe.backward == 4
+
+
+def test_value_on_another_device(transform):
+    with pytest.raises(ValueError, match="z is on meta but the flow's parameters are on cpu"):
+        transform(torch.empty(4, 3, device="meta"))
+    with pytest.raises(ValueError, match="context is on meta"):
+        pf.conditional_ffjord(3, 2, hidden_dims=(8,), **FAST).condition(torch.empty(4, 2, device="meta"))
