@@ -5,11 +5,11 @@ FFJORD (Grathwohl et al., 2019) integrates the state together with its log-densi
 .. math::
 
     \frac{d}{dt} \begin{bmatrix} z \\ \log|\det \partial z(t)/\partial z(0)| \end{bmatrix}
-    = \begin{bmatrix} f(z, t) \\ \operatorname{tr}(\partial f / \partial z) \end{bmatrix},
+    = \begin{bmatrix} f(z, t) \\ \operatorname{tr}(\partial f / \partial z) \end{bmatrix}.
 
-The time is rescaled to :math:`s = t / T \in [0, 1]` so that the integration time :math:`T` is an
-ordinary parameter of the dynamics (learnable with ``train_T`` and differentiated through the
-adjoint like any weight).
+With ``train_T`` the time is rescaled to :math:`s = t / T \in [0, 1]`, so that the integration
+time :math:`T` is an ordinary parameter of the dynamics, differentiated through the adjoint like
+any weight; a fixed :math:`T` is integrated over :math:`[0, T]` as it is.
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ class CNFDynamics:
         self,
         flow: ContinuousFlow,
         T: Tensor,
+        rescaled: bool,
         context: Tensor | None,
         noise: Tensor | None,
         regularize: bool,
     ) -> None:
         self.flow = flow
         self.T = T
+        self.rescaled = rescaled
         self.context = context
         self.noise = noise
         self.regularize = regularize
@@ -84,7 +86,7 @@ class CNFDynamics:
         with torch.enable_grad():
             if not (create_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
-            t = s * self.T
+            t = s * self.T if self.rescaled else s
             f = self.flow.net(t, z) if self.context is None else self.flow.net(t, z, self.context)
             if self.noise is None:
                 div, rows = divergence_exact(f, z, create_graph)
@@ -92,9 +94,11 @@ class CNFDynamics:
                 div, rows = divergence_hutchinson(f, z, self.noise, create_graph)
         if not (torch.isfinite(f).all() and torch.isfinite(div).all()):
             raise self._fail("produced non-finite values")
-        derivatives = [f * self.T, div * self.T]
+        derivatives = [f, div]
         if self.regularize:
-            derivatives += [kinetic_energy(f) * self.T, jacobian_frobenius(rows) * self.T]
+            derivatives += [kinetic_energy(f), jacobian_frobenius(rows)]
+        if self.rescaled:  # d/ds = T d/dt
+            derivatives = [d * self.T for d in derivatives]
         if not create_graph:
             derivatives = [d.detach() for d in derivatives]
         return tuple(derivatives)
@@ -225,16 +229,16 @@ class ContinuousFlow(nn.Module):
             loss = loss + self.regularization[name] * value.mean()
         return loss
 
-    def _solver_options(self, T: Tensor) -> dict[str, Any]:
+    def _solver_options(self, T: float, end: float) -> dict[str, Any]:
         if is_fixed_grid(self.method) and "step_size" in self.options:
-            # step_size is given in units of t; the solver runs in s = t / T.
-            num_steps = float(T.detach()) / self.options["step_size"]
+            # step_size is given in units of t; the solver runs over [0, end].
+            num_steps = T / self.options["step_size"]
             if not num_steps <= self.max_num_steps:
                 raise ODESolveError(
                     f"{self.method} with step_size={self.options['step_size']} needs {num_steps:.3g} steps to "
-                    f"cover T={float(T.detach()):.4g}, more than max_num_steps={self.max_num_steps}"
+                    f"cover T={T:.4g}, more than max_num_steps={self.max_num_steps}"
                 )
-            return {**self.options, "step_size": 1.0 / max(num_steps, 1.0)}
+            return {**self.options, "step_size": end / max(num_steps, 1.0)}
         return self.options
 
     def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -249,9 +253,13 @@ class ContinuousFlow(nn.Module):
             The flowed states and :math:`\\log|\\det \\partial y / \\partial x|`, shape ``(N,)``.
         """
         T = self.T
+        # A learned T is a parameter of the ODE rescaled to s = t / T in [0, 1]; a fixed T is integrated
+        # over [0, T] as it is, which keeps torchdiffeq's step-size heuristics in the units of t.
+        rescaled = self.log_T.requires_grad
+        end = 1.0 if rescaled else float(T)
         regularize = bool(self.regularization) and torch.is_grad_enabled()
         noise = sample_noise(x, self.noise) if self.divergence == "hutchinson" else None
-        func = CNFDynamics(self, T, context, noise, regularize)
+        func = CNFDynamics(self, T, rescaled, context, noise, regularize)
         zeros = x.new_zeros(x.shape[0])
         state = (x, zeros, zeros, zeros) if regularize else (x, zeros)
         adjoint_params = [p for p in self.parameters() if p.requires_grad]
@@ -261,11 +269,12 @@ class ContinuousFlow(nn.Module):
         final = integrate(
             func,
             state,
+            end=end,
             reverse=reverse,
             method=self.method,
             rtol=self.rtol,
             atol=self.atol,
-            options=self._solver_options(T),
+            options=self._solver_options(float(T.detach()), end),
             adjoint=self.adjoint,
             adjoint_params=adjoint_params,
         )

@@ -95,6 +95,7 @@ def integrate(
     func: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
     state: tuple[Tensor, ...],
     *,
+    end: float,
     reverse: bool,
     method: str,
     rtol: float,
@@ -103,7 +104,7 @@ def integrate(
     adjoint: bool,
     adjoint_params: Sequence[Tensor],
 ) -> tuple[Tensor, ...]:
-    """Integrates ``d state/ds = func(s, state)`` over ``s`` from 0 to 1 (1 to 0 if ``reverse``).
+    """Integrates ``d state/ds = func(s, state)`` over ``s`` from 0 to ``end`` (back to 0 if ``reverse``).
 
     With ``adjoint`` the gradients come from the adjoint ODE (Chen et al., 2018) with respect to
     the initial state and every tensor in ``adjoint_params``; otherwise autograd backpropagates
@@ -112,7 +113,7 @@ def integrate(
     Returns:
         The state at the final time.
     """
-    s = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=state[0].dtype, device=state[0].device)
+    s = torch.tensor([end, 0.0] if reverse else [0.0, end], dtype=state[0].dtype, device=state[0].device)
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=dict(options))
     try:
         if adjoint and torch.is_grad_enabled():

@@ -132,7 +132,7 @@ class _CNFTransform:
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         r""":math:`\log|\det \partial x / \partial z|` (base ``z`` → data ``x``), cached from the solve."""
-        record = self._lookup(base=z, data=x) or self._lookup(data=x) or self._lookup(base=z)
+        record = self._lookup(data=x) or self._lookup(base=z)
         if record is None:
             self._call(z)
             record = self._record

@@ -69,3 +69,15 @@ def test_bench_cnf_smoke(tmp_path):
     numbers = _numbers(results["workloads"]) + _numbers(results["exact_vs_hutchinson"])
     numbers += _numbers(results["adjoint_memory"])
     assert numbers and all(math.isfinite(n) for n in numbers)
+
+
+def test_fixed_T_solve_takes_the_reference_number_of_steps():
+    """With a fixed T the adaptive solver sees the same ODE as the reference, hence the same NFE."""
+    bench = _load_bench()
+    w = bench.WORKLOADS["toy2d"]
+    x = bench.batch(w, 64, 0, torch.device("cpu"))
+    ours = bench.build("pf_hutchinson", w, torch.device("cpu"), 0)
+    reference = bench.build("reference", w, torch.device("cpu"), 0)
+    ours.log_prob(x).sum().backward()
+    reference.log_prob(x).sum().backward()
+    assert ours.nfe()[0] == reference.nfe()[0]
