@@ -57,14 +57,6 @@ def cheap(**kwargs):
     return {**CHEAP, **kwargs}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def latent_name(guide):
     return f"_{guide._pyro_name}_latent"
 
@@ -121,23 +113,26 @@ def test_factor(Elbo, divergence):
     assert loss_5 - loss_4 == pytest.approx(-1 - 3, abs=1e-3)
 
 
+def location_scale_model(data):
+    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_elbos_agree(divergence):
     """The guide is fully reparameterized, so the three ELBOs give the same estimate for the same draws."""
 
-    def model(data):
-        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
-        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
-        with pyro.plate("data", len(data)):
-            pyro.sample("obs", dist.Normal(loc, scale), obs=data)
-
     data = torch.tensor([0.5, 1.0, 1.5])
-    guide = AutoFFJORD(model, **cheap(divergence=divergence))
+    guide = AutoFFJORD(location_scale_model, **cheap(divergence=divergence))
     guide(data)
     losses = []
     for Elbo in ELBOS:
         pyro.set_rng_seed(7)
-        losses.append(Elbo(max_plate_nesting=1, strict_enumeration_warning=False).loss(model, guide, data))
+        losses.append(
+            Elbo(max_plate_nesting=1, strict_enumeration_warning=False).loss(location_scale_model, guide, data)
+        )
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert losses[0] == pytest.approx(losses[2], rel=1e-5)
     guide_trace = poutine.trace(guide).get_trace(data)
@@ -217,19 +212,13 @@ def test_replay_plates(sample_shape):
 
 @pytest.mark.parametrize("num_particles", [1, 4])
 def test_vectorized_particles_match_sequential(num_particles):
-    def model(data):
-        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
-        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
-        with pyro.plate("data", len(data)):
-            pyro.sample("obs", dist.Normal(loc, scale), obs=data)
-
     data = torch.tensor([0.3, -0.2, 1.1, 0.7])
-    guide = AutoFFJORD(model, **cheap(divergence="exact"))
+    guide = AutoFFJORD(location_scale_model, **cheap(divergence="exact"))
     guide(data)
 
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     pyro.set_rng_seed(3)
-    loss = elbo.loss(model, guide, data)
+    loss = elbo.loss(location_scale_model, guide, data)
     # The vectorized ELBO runs the guide first under a particle plate left of the model's plates,
     # so the same seed reproduces its draws.
     pyro.set_rng_seed(3)
@@ -242,7 +231,7 @@ def test_vectorized_particles_match_sequential(num_particles):
         # A fresh tensor: the guide must recompute log q(u) by the inverse solve, one particle at a time.
         conditioned = poutine.condition(guide, data={"_AutoFFJORD_latent": u.clone()})
         guide_trace = poutine.trace(conditioned).get_trace(data)
-        model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(data)
+        model_trace = poutine.trace(poutine.replay(location_scale_model, guide_trace)).get_trace(data)
         elbos.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
     expected = -torch.stack(elbos).mean().item()
     assert loss == pytest.approx(expected, rel=1e-3, abs=1e-3)
