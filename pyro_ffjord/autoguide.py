@@ -17,7 +17,7 @@ from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroParam
 from torch import nn
 
-from .transforms import _check_option_names, ffjord
+from .transforms import ffjord
 
 
 def _cnf_blocks(
@@ -81,7 +81,6 @@ class AutoFFJORD(AutoNormalizingFlow):
         activation: str = "tanh",
         **options: Any,
     ) -> None:
-        _check_option_names(options)
         if isinstance(num_transforms, bool) or not isinstance(num_transforms, int) or num_transforms < 1:
             raise ValueError(f"num_transforms must be a positive integer, got {num_transforms!r}")
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 < init_scale < math.inf:

@@ -269,7 +269,6 @@ def ffjord(
         activation: see :data:`~pyro_ffjord.nets.ACTIVATIONS`.
         **options: see :class:`FFJORD`.
     """
-    _check_option_names(options)
     return FFJORD(ODENet(input_dim, hidden_dims, 0, layer, activation), input_dim, **options)
 
 
@@ -282,7 +281,6 @@ def conditional_ffjord(
     **options: Any,
 ) -> ConditionalFFJORD:
     """Builds a :class:`ConditionalFFJORD` whose every layer sees the time and the context."""
-    _check_option_names(options)
     net = ODENet(input_dim, hidden_dims, context_dim, layer, activation)
     return ConditionalFFJORD(net, input_dim, context_dim, **options)
 

@@ -72,9 +72,11 @@ def test_every_example_is_covered():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(TINY)
 
 
-def run(name: str, args: list[str]) -> subprocess.CompletedProcess:
+def run(name: str, args: list[str], ok: bool = True) -> subprocess.CompletedProcess:
+    """Runs ``examples/<name>`` with ``args``; unless ``ok`` is False it must succeed."""
     result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 

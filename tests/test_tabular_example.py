@@ -6,13 +6,11 @@ import csv
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "tabular.py"
+from test_examples import run as run_example
 
 TINY = [
     "-n",
@@ -62,10 +60,7 @@ def write_table(path: Path, constant_column: bool = False, nan: bool = False) ->
 
 
 def run(args: list[str], ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
-    if ok:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_example("tabular.py", args, ok)
 
 
 def finite_metrics(metrics: dict) -> None:
