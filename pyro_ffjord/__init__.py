@@ -2,13 +2,24 @@
 
 from .autoguide import AutoFFJORD
 from .dynamics import NFE
-from .nets import ODENet
+from .nets import AmortizedLowRankODENet, ODENet
 from .solve import ODESolveError
-from .transforms import FFJORD, ConditionalFFJORD, ConditionedFFJORD, conditional_ffjord, ffjord, solver_settings
+from .transforms import (
+    FFJORD,
+    AmortizedFFJORD,
+    ConditionalFFJORD,
+    ConditionedFFJORD,
+    amortized_ffjord,
+    conditional_ffjord,
+    ffjord,
+    solver_settings,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizedFFJORD",
+    "AmortizedLowRankODENet",
     "AutoFFJORD",
     "FFJORD",
     "NFE",
@@ -16,6 +27,7 @@ __all__ = [
     "ConditionedFFJORD",
     "ODENet",
     "ODESolveError",
+    "amortized_ffjord",
     "conditional_ffjord",
     "ffjord",
     "solver_settings",

@@ -7,6 +7,7 @@ chosen by name (see :data:`LAYERS`). The layer types follow the FFJORD reference
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -134,6 +135,7 @@ class ODENet(nn.Module):
         check_choice("activation", activation, ACTIVATIONS)
         self.input_dim = input_dim
         self.context_dim = context_dim
+        self._hidden_dims = hidden_dims
         widths = (input_dim, *hidden_dims, input_dim)
         self.layers = nn.ModuleList(
             LAYERS[layer](w_in, w_out, context_dim) for w_in, w_out in zip(widths[:-1], widths[1:])
@@ -144,6 +146,68 @@ class ODENet(nn.Module):
         h = z
         for i, layer in enumerate(self.layers):
             h = layer(t, h, context)
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        return h
+
+
+class AmortizedLowRankODENet(ODENet):
+    r"""An :class:`ODENet` whose weights are shifted per data point by amortized low-rank terms.
+
+    Each layer :math:`l` adds a data-point-specific rank-:math:`r` linear map and bias to the shared
+    time-conditioned layer,
+
+    .. math:: h_{l+1} = \sigma\Big(\mathrm{layer}_l(t, h_l) + \frac{h_l U_l V_l}{\sqrt{d_l r}} + b_l\Big),
+
+    with :math:`U_l \in \mathbb{R}^{d_l \times r}`, :math:`V_l \in \mathbb{R}^{r \times d_{l+1}}` and
+    :math:`b_l` read from the context: the context *is* the vector of all :math:`(U_l, V_l, b_l)`, produced
+    from encoder features by an amortizing network (FFJORD, Grathwohl et al., 2019, Sec. 4.2:
+    "amortized low-rank" CNF posteriors for VAEs). :attr:`context_dim` is its size. The factor
+    :math:`1/\sqrt{d_l r}` keeps the low-rank term on the scale of a default-initialized layer when the
+    entries of :math:`U_l, V_l` are of order one.
+
+    Args:
+        input_dim: dimension D of the state ``z``.
+        hidden_dims: widths of the hidden layers.
+        rank: rank :math:`r` of the per-data-point weight updates.
+        layer: time-conditioning scheme of the shared layers, one of :data:`LAYERS`.
+        activation: nonlinearity between layers, one of :data:`ACTIVATIONS`.
+
+    Example:
+        >>> net = AmortizedLowRankODENet(2, (16,), rank=3)
+        >>> net.context_dim  # (2 + 16) * 3 + 16  +  (16 + 2) * 3 + 2
+        126
+        >>> net(torch.tensor(0.5), torch.randn(10, 2), torch.randn(10, net.context_dim)).shape
+        torch.Size([10, 2])
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Sequence[int] = (512, 512),
+        rank: int = 1,
+        layer: str = "concat",
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__(input_dim, hidden_dims, 0, layer, activation)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        self.rank = rank
+        widths = (input_dim, *self._hidden_dims, input_dim)
+        self._shapes = [(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:])]
+        self._split = [n for w_in, w_out in self._shapes for n in (w_in * rank, rank * w_out, w_out)]
+        self.context_dim = sum(self._split)
+
+    def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
+        if context is None or context.shape[-1] != self.context_dim:
+            raise ValueError(f"context (the amortized weights) must have shape (N, {self.context_dim})")
+        params = context.split(self._split, dim=-1)
+        h = z
+        for i, (layer, (w_in, w_out)) in enumerate(zip(self.layers, self._shapes)):
+            u, v, b = params[3 * i : 3 * i + 3]
+            hu = torch.einsum("ni,nir->nr", h, u.view(-1, w_in, self.rank))
+            low_rank = torch.einsum("nr,nro->no", hu, v.view(-1, self.rank, w_out)) / math.sqrt(w_in * self.rank)
+            h = layer(t, h) + low_rank + b
             if i < len(self.layers) - 1:
                 h = self.activation(h)
         return h

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.distributions import Transform
 
 from .dynamics import NFE, SOLVER_SETTINGS, ContinuousFlow
-from .nets import ODENet
+from .nets import AmortizedLowRankODENet, ODENet
 
 _OPTION_NAMES = tuple(
     name for name, p in inspect.signature(ContinuousFlow).parameters.items() if p.kind is p.KEYWORD_ONLY
@@ -253,6 +253,47 @@ class ConditionalFFJORD(ConditionalTransformModule):
         return self.flow.regularization_loss()
 
 
+class AmortizedFFJORD(ConditionalFFJORD):
+    r"""A conditional CNF whose dynamics weights are amortized from features (e.g. a VAE encoder's).
+
+    ``condition(features)`` maps the features to the context of the dynamics network with a linear
+    *amortizer*; with :class:`~pyro_ffjord.nets.AmortizedLowRankODENet` that context holds a rank-:math:`r`
+    weight update and a bias per layer, so every data point gets its own dynamics
+    :math:`dz/dt = f_{\theta + \Delta\theta(h)}(z, t)` (FFJORD, Grathwohl et al., 2019, Sec. 4.2).
+
+    Args:
+        net: dynamics ``f(t, z, context)`` declaring its ``context_dim`` (the amortized parameter count).
+        input_dim: dimension of the event.
+        feature_dim: dimension of the features passed to :meth:`condition`.
+        **options: as for :class:`FFJORD`.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> at = amortized_ffjord(2, feature_dim=5, hidden_dims=(16,), rank=2)
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> d = dist.ConditionalTransformedDistribution(base, [at]).condition(torch.randn(4, 5))
+        >>> d.rsample().shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, net: torch.nn.Module, input_dim: int, feature_dim: int, **options: Any) -> None:
+        context_dim = getattr(net, "context_dim", None)
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(
+                f"net must declare a positive integer context_dim (its amortized inputs), got {context_dim!r}"
+            )
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+        super().__init__(net, input_dim, context_dim, **options)
+        self.feature_dim = feature_dim
+        self.amortizer = torch.nn.Linear(feature_dim, context_dim)
+
+    def condition(self, features: Tensor) -> ConditionedFFJORD:
+        """Fixes the features, shape ``(..., feature_dim)``; the amortizer maps them to the dynamics' context."""
+        features = _check_tensor("features", features, self.feature_dim, self.flow.log_T)
+        return super().condition(self.amortizer(features))
+
+
 def ffjord(
     input_dim: int,
     hidden_dims: Sequence[int] = (64, 64, 64),
@@ -283,6 +324,24 @@ def conditional_ffjord(
     """Builds a :class:`ConditionalFFJORD` whose every layer sees the time and the context."""
     net = ODENet(input_dim, hidden_dims, context_dim, layer, activation)
     return ConditionalFFJORD(net, input_dim, context_dim, **options)
+
+
+def amortized_ffjord(
+    input_dim: int,
+    feature_dim: int,
+    hidden_dims: Sequence[int] = (512, 512),
+    rank: int = 1,
+    layer: str = "concat",
+    activation: str = "tanh",
+    **options: Any,
+) -> AmortizedFFJORD:
+    """Builds an :class:`AmortizedFFJORD` with per-data-point low-rank weights (:class:`AmortizedLowRankODENet`).
+
+    The FFJORD paper's VAE posteriors use ``rank=64, hidden_dims=(1024, 1024)`` on MNIST and ``rank=20``
+    elsewhere, with ``T=0.5``.
+    """
+    net = AmortizedLowRankODENet(input_dim, hidden_dims, rank, layer, activation)
+    return AmortizedFFJORD(net, input_dim, feature_dim, **options)
 
 
 @contextmanager

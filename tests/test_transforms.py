@@ -20,12 +20,15 @@ def make(kind: str, **options):
     if kind == "conditioned":
         ct = pf.conditional_ffjord(3, 2, hidden_dims=(8, 8), **options)
         return ct.condition(torch.randn(2)), ct
+    if kind == "amortized":
+        at = pf.amortized_ffjord(3, 2, hidden_dims=(8, 8), rank=2, **options)
+        return at.condition(torch.randn(2)), at
     layer = {"ffjord": "concatsquash", "concat": "concat", "ignore": "ignore", "squash": "squash"}[kind]
     t = pf.ffjord(3, hidden_dims=(8, 8), layer=layer, activation="softplus" if kind == "concat" else "tanh", **options)
     return t, t
 
 
-KINDS = ["ffjord", "concat", "ignore", "squash", "conditioned"]
+KINDS = ["ffjord", "concat", "ignore", "squash", "conditioned", "amortized"]
 
 
 def brute_force_log_abs_det(t, z):
@@ -75,9 +78,17 @@ def test_hutchinson_is_unbiased(float64, noise):
     assert (estimates.mean() - truth).abs() < 3 * standard_error
 
 
-def test_gradcheck(float64):
+def make_conditional(kind: str, input_dim: int, hidden_dims: tuple[int, ...], **options):
+    """A conditional CNF with a 1-D context: plain context conditioning, or amortized low-rank weights."""
+    if kind == "amortized":
+        return pf.amortized_ffjord(input_dim, 1, hidden_dims=hidden_dims, rank=2, **options)
+    return pf.conditional_ffjord(input_dim, 1, hidden_dims=hidden_dims, **options)
+
+
+@pytest.mark.parametrize("kind", ["conditional", "amortized"])
+def test_gradcheck(float64, kind):
     """Backprop-through-solver gradients w.r.t. input, context, weights and T vs finite differences."""
-    ct = pf.conditional_ffjord(2, 1, hidden_dims=(4,), divergence="exact", train_T=True, adjoint=False, **TIGHT)
+    ct = make_conditional(kind, 2, (4,), divergence="exact", train_T=True, adjoint=False, **TIGHT)
     names, params = zip(*ct.named_parameters())
 
     def f(x, context, *values):
@@ -92,10 +103,11 @@ def test_gradcheck(float64):
     assert torch.autograd.gradcheck(f, (x, context, *weights), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["conditional", "amortized"])
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
-def test_adjoint_gradients_match_backprop(float64, divergence):
+def test_adjoint_gradients_match_backprop(float64, kind, divergence):
     """The adjoint ODE gives the same gradients (input, context, weights, T) as backprop."""
-    ct = pf.conditional_ffjord(2, 1, hidden_dims=(4,), divergence=divergence, train_T=True, **TIGHT)
+    ct = make_conditional(kind, 2, (4,), divergence=divergence, train_T=True, **TIGHT)
     grads = []
     for adjoint in (True, False):
         ct.flow.adjoint = adjoint
@@ -300,9 +312,10 @@ def test_pyro_module_registration_and_svi_density_fit():
     assert last < first - 0.3 * len(data)
 
 
-def test_amortized_conditional_guide_trains():
+@pytest.mark.parametrize("kind", ["conditional", "amortized"])
+def test_amortized_conditional_guide_trains(kind):
     """z ~ N(0, 1), x ~ N(z, 0.5^2): the amortized CNF posterior learns q(z|x) = N(0.8 x, 0.2)."""
-    ct = pf.conditional_ffjord(1, 1, hidden_dims=(16, 16), adjoint=False, **FAST)
+    ct = make_conditional(kind, 1, (16, 16), adjoint=False, **FAST)
     base = dist.Normal(torch.zeros(1), 1.0).to_event(1)
 
     def model(x):
