@@ -60,6 +60,7 @@ from common.training import (  # noqa: E402
     evaluation_solver,
     load_checkpoint,
     resolve_device,
+    train_batches,
     write_json,
 )
 
@@ -257,14 +258,6 @@ def load_data(args: argparse.Namespace) -> TabularData:
     if data.dim < 2 or min(len(a) for a in data.splits) < 2:
         raise SystemExit(f"error: {what}: need at least 2 columns and 2 rows per split, got {data.splits[0].shape}")
     return data
-
-
-def train_batches(n: int, batch_size: int, seed: int, step: int) -> Tensor:
-    """Row indices of the batch of ``step``: epoch-wise seeded shuffles, so a resumed run sees the same batches."""
-    per_epoch = max(n // batch_size, 1)
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[i * batch_size : (i + 1) * batch_size]
 
 
 def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:

@@ -28,15 +28,21 @@ import torch
 import pyro_ffjord as pf
 
 
-def add_common_args(parser: argparse.ArgumentParser, num_steps: int, out: str) -> None:
-    """Adds the flags every example shares."""
-    parser.add_argument("-n", "--num-steps", type=int, default=num_steps, help="training iterations")
+def add_common_args(
+    parser: argparse.ArgumentParser, out: str, *, num_steps: int | None = None, num_epochs: int | None = None
+) -> None:
+    """Adds the flags every example shares; training is measured in iterations (``-n/--num-steps``, with
+    ``--checkpoint-every``) or, given ``num_epochs``, in epochs (``-n/--num-epochs``, a checkpoint each epoch)."""
+    if num_epochs is not None:
+        parser.add_argument("-n", "--num-epochs", type=int, default=num_epochs, help="training epochs")
+    else:
+        parser.add_argument("-n", "--num-steps", type=int, default=num_steps, help="training iterations")
+        parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default=out, help="folder for checkpoint, log and plot")
     parser.add_argument("--plot", default=None, help="PNG path (default: <out>/<name>.png)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     add_fault_args(parser)
@@ -61,6 +67,14 @@ def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> cont
         options=None,
         max_num_steps=args.eval_max_steps,
     )
+
+
+def train_batches(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Row indices of the batch of ``step``: epoch-wise seeded shuffles, so a resumed run sees the same batches."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[i * batch_size : (i + 1) * batch_size]
 
 
 def resolve_device(name: str, threads: int | None = None) -> torch.device:
