@@ -2,7 +2,9 @@ r"""Divergence :math:`\operatorname{tr}(\partial f / \partial z)` of the CNF dyn
 
 Two estimators, as in FFJORD (Grathwohl et al., 2019, Sec. 3.1):
 
-* exact: all D rows of the Jacobian from one batched vector-Jacobian product;
+* exact: from the Jacobian that a network propagates in forward mode along with its output
+  (:meth:`~pyro_ffjord.nets.ODENet.forward_and_jacobian`), else all D rows of the Jacobian from
+  one batched vector-Jacobian product;
 * Hutchinson: :math:`\operatorname{tr}(J) = \mathbb{E}_\epsilon[\epsilon^\top J \epsilon]`
   with one VJP, for noise with :math:`\mathbb{E}[\epsilon\epsilon^\top] = I`.
 
@@ -56,3 +58,8 @@ def divergence_exact(f: Tensor, z: Tensor, create_graph: bool) -> tuple[Tensor, 
     basis = torch.eye(d, dtype=z.dtype, device=z.device).unsqueeze(1).expand(d, n, d)
     (rows,) = torch.autograd.grad(f, z, basis, create_graph=create_graph, is_grads_batched=True)
     return rows.diagonal(dim1=0, dim2=2).sum(-1), rows
+
+
+def divergence_from_jacobian(jacobian: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact trace from the full Jacobian ``(N, D, D)``; also returns its rows shaped ``(D, N, D)``."""
+    return jacobian.diagonal(dim1=-2, dim2=-1).sum(-1), jacobian.transpose(0, 1)

@@ -21,7 +21,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .divergence import DIVERGENCES, NOISES, divergence_exact, divergence_hutchinson, sample_noise
+from .divergence import (
+    DIVERGENCES,
+    NOISES,
+    divergence_exact,
+    divergence_from_jacobian,
+    divergence_hutchinson,
+    sample_noise,
+)
 from .nets import check_choice
 from .regularizers import REGULARIZERS, jacobian_frobenius, kinetic_energy
 from .solve import ODESolveError, check_solver_options, integrate, is_fixed_grid, nfe_budget
@@ -83,15 +90,22 @@ class CNFDynamics:
             raise self._fail(f"exceeded its step budget ({self.budget} evaluations)")
         create_graph = torch.is_grad_enabled()
         z = state[0]
-        with torch.enable_grad():
-            if not (create_graph and z.requires_grad):
-                z = z.detach().requires_grad_(True)
-            t = s * self.T if self.rescaled else s
-            f = self.flow.net(t, z) if self.context is None else self.flow.net(t, z, self.context)
-            if self.noise is None:
-                div, rows = divergence_exact(f, z, create_graph)
-            else:
-                div, rows = divergence_hutchinson(f, z, self.noise, create_graph)
+        t = s * self.T if self.rescaled else s
+        context = () if self.context is None else (self.context,)
+        forward_and_jacobian = getattr(self.flow.net, "forward_and_jacobian", None)
+        if self.noise is None and forward_and_jacobian is not None:
+            # an ordinary graph (or none at all under no_grad): no create_graph, no D backward passes
+            f, jacobian = forward_and_jacobian(t, z, *context)
+            div, rows = divergence_from_jacobian(jacobian)
+        else:
+            with torch.enable_grad():
+                if not (create_graph and z.requires_grad):
+                    z = z.detach().requires_grad_(True)
+                f = self.flow.net(t, z, *context)
+                if self.noise is None:
+                    div, rows = divergence_exact(f, z, create_graph)
+                else:
+                    div, rows = divergence_hutchinson(f, z, self.noise, create_graph)
         if not (torch.isfinite(f).all() and torch.isfinite(div).all()):
             raise self._fail("produced non-finite values")
         derivatives = [f, div]

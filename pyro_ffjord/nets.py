@@ -22,6 +22,20 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def _activation_derivative(activation: nn.Module, pre: Tensor, out: Tensor) -> Tensor:
+    """The derivative of one of :data:`ACTIVATIONS` at ``pre``, given also its value ``out`` there."""
+    if isinstance(activation, nn.Tanh):
+        return 1 - out.pow(2)
+    if isinstance(activation, nn.Softplus):
+        return torch.sigmoid(pre * activation.beta).where(pre * activation.beta <= activation.threshold, 1.0)
+    if isinstance(activation, nn.ELU):
+        return torch.where(pre > 0, 1.0, out + activation.alpha)
+    if isinstance(activation, nn.SiLU):
+        s = torch.sigmoid(pre)
+        return s * (1 + pre * (1 - s))
+    raise TypeError(f"no derivative for activation {type(activation).__name__}")
+
+
 def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
     """The time and the context as one ``(N, 1 + C)`` input; without context, a single ``(1, 1)`` row.
 
@@ -30,6 +44,13 @@ def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
     """
     tt = t.to(x).reshape(1, 1)
     return tt if context is None else torch.cat([tt.expand(x.shape[:-1] + (1,)), context], dim=-1)
+
+
+def _apply_weight(weight: Tensor, tangent: Tensor | None) -> Tensor:
+    """``weight @ tangent`` for tangents ``(N, in, D)``; ``None`` stands for the identity (the first layer)."""
+    if tangent is None:
+        return weight.unsqueeze(0)
+    return torch.einsum("oi,nid->nod", weight, tangent)
 
 
 class ConcatSquashLinear(nn.Module):
@@ -48,6 +69,11 @@ class ConcatSquashLinear(nn.Module):
         c = _conditioner(t, x, context)
         return self.linear(x) * torch.sigmoid(self.gate(c)) + self.shift(c)
 
+    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
+        """The layer's Jacobian in ``x`` times ``tangent`` ``(N, in, D)`` (see :meth:`ODENet.forward_and_jacobian`)."""
+        gate = torch.sigmoid(self.gate(_conditioner(t, x, context)))
+        return _apply_weight(self.linear.weight, tangent) * gate.unsqueeze(-1)
+
 
 class SquashLinear(nn.Module):
     r"""Linear layer gated by the time and context: :math:`h = (W x + b) \odot \sigma(A [t, c] + a)`."""
@@ -59,6 +85,11 @@ class SquashLinear(nn.Module):
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.linear(x) * torch.sigmoid(self.gate(_conditioner(t, x, context)))
+
+    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
+        """The layer's Jacobian in ``x`` times ``tangent``, shape ``(N, in, D)``."""
+        gate = torch.sigmoid(self.gate(_conditioner(t, x, context)))
+        return _apply_weight(self.linear.weight, tangent) * gate.unsqueeze(-1)
 
 
 class ConcatLinear(nn.Module):
@@ -72,6 +103,10 @@ class ConcatLinear(nn.Module):
         c = _conditioner(t, x, context)
         return self.linear(torch.cat([x, c.expand(x.shape[:-1] + c.shape[-1:])], dim=-1))
 
+    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
+        """The layer's Jacobian in ``x`` times ``tangent``, shape ``(N, in, D)``."""
+        return _apply_weight(self.linear.weight[:, : x.shape[-1]], tangent)
+
 
 class IgnoreLinear(nn.Module):
     r"""Autonomous linear layer (time is ignored): :math:`h = W [x, c] + b`."""
@@ -82,6 +117,10 @@ class IgnoreLinear(nn.Module):
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.linear(x if context is None else torch.cat([x, context], dim=-1))
+
+    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
+        """The layer's Jacobian in ``x`` times ``tangent``, shape ``(N, in, D)``."""
+        return _apply_weight(self.linear.weight[:, : x.shape[-1]], tangent)
 
 
 LAYERS: dict[str, type[nn.Module]] = {
@@ -143,12 +182,45 @@ class ODENet(nn.Module):
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
-        h = z
-        for i, layer in enumerate(self.layers):
-            h = layer(t, h, context)
-            if i < len(self.layers) - 1:
-                h = self.activation(h)
-        return h
+        return self._evaluate(t, z, context, jacobian=False)[0]
+
+    def forward_and_jacobian(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""``f(t, z)`` and its Jacobian :math:`\partial f / \partial z`, shape ``(N, D, D)``.
+
+        Forward-mode propagation through the layers, :math:`J_{l+1} = \sigma'(a_l) \odot (W_l J_l)`: one
+        batched matrix product per layer gives the exact trace, where autograd needs D vector-Jacobian
+        products. It is an ordinary differentiable graph, so the exact-trace dynamics need no
+        ``create_graph`` and, under ``torch.no_grad``, record nothing at all.
+
+        Example:
+            >>> net = ODENet(3, (8,))
+            >>> f, jac = net.forward_and_jacobian(torch.tensor(0.1), torch.randn(5, 3))
+            >>> jac.shape
+            torch.Size([5, 3, 3])
+        """
+        return self._evaluate(t, z, context, jacobian=True)
+
+    def _preactivation(self, i: int, t: Tensor, h: Tensor, context: Tensor | None) -> Tensor:
+        return self.layers[i](t, h, context)
+
+    def _preactivation_jvp(
+        self, i: int, t: Tensor, h: Tensor, tangent: Tensor | None, context: Tensor | None
+    ) -> Tensor:
+        return self.layers[i].jvp(t, h, tangent, context)
+
+    def _evaluate(self, t: Tensor, z: Tensor, context: Tensor | None, jacobian: bool) -> tuple[Tensor, Tensor | None]:
+        h, jac = z, None
+        last = len(self.layers) - 1
+        for i in range(len(self.layers)):
+            pre = self._preactivation(i, t, h, context)
+            if jacobian:
+                jac = self._preactivation_jvp(i, t, h, jac, context)
+            h = pre if i == last else self.activation(pre)
+            if jacobian and i < last:
+                jac = jac * _activation_derivative(self.activation, pre, h).unsqueeze(-1)
+        if jacobian:
+            jac = jac.expand(z.shape[0], -1, -1)
+        return h, jac
 
 
 class AmortizedLowRankODENet(ODENet):
@@ -194,20 +266,27 @@ class AmortizedLowRankODENet(ODENet):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         self.rank = rank
         widths = (input_dim, *self._hidden_dims, input_dim)
-        self._shapes = [(w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:])]
+        self._shapes = list(zip(widths[:-1], widths[1:]))
         self._split = [n for w_in, w_out in self._shapes for n in (w_in * rank, rank * w_out, w_out)]
         self.context_dim = sum(self._split)
 
-    def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
+    def _low_rank(self, i: int, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer ``i``'s amortized ``U / sqrt(d r)``, shape ``(N, d_in, r)``, ``V`` ``(N, r, d_out)`` and bias."""
         if context is None or context.shape[-1] != self.context_dim:
             raise ValueError(f"context (the amortized weights) must have shape (N, {self.context_dim})")
-        params = context.split(self._split, dim=-1)
-        h = z
-        for i, (layer, (w_in, w_out)) in enumerate(zip(self.layers, self._shapes)):
-            u, v, b = params[3 * i : 3 * i + 3]
-            hu = torch.einsum("ni,nir->nr", h, u.view(-1, w_in, self.rank))
-            low_rank = torch.einsum("nr,nro->no", hu, v.view(-1, self.rank, w_out)) / math.sqrt(w_in * self.rank)
-            h = layer(t, h) + low_rank + b
-            if i < len(self.layers) - 1:
-                h = self.activation(h)
-        return h
+        u, v, b = context.split(self._split, dim=-1)[3 * i : 3 * i + 3]
+        w_in, w_out = self._shapes[i]
+        return u.view(-1, w_in, self.rank) / math.sqrt(w_in * self.rank), v.view(-1, self.rank, w_out), b
+
+    def _preactivation(self, i: int, t: Tensor, h: Tensor, context: Tensor | None) -> Tensor:
+        u, v, b = self._low_rank(i, context)
+        return self.layers[i](t, h) + torch.bmm(torch.bmm(h.unsqueeze(1), u), v).squeeze(1) + b
+
+    def _preactivation_jvp(
+        self, i: int, t: Tensor, h: Tensor, tangent: Tensor | None, context: Tensor | None
+    ) -> Tensor:
+        u, v, _ = self._low_rank(i, context)
+        low_rank = torch.bmm(
+            v.transpose(1, 2), u.transpose(1, 2) if tangent is None else torch.bmm(u.transpose(1, 2), tangent)
+        )
+        return self.layers[i].jvp(t, h, tangent) + low_rank

@@ -328,7 +328,8 @@ def test_amortized_conditional_guide_trains(kind):
         with pyro.plate("data", len(x)):
             pyro.sample("z", dist.ConditionalTransformedDistribution(base, [ct]).condition(x))
 
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), pyro.infer.Trace_ELBO())
+    optimizer = pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.1 ** (1 / 300)})  # decays to 0.002
+    svi = pyro.infer.SVI(model, guide, optimizer, pyro.infer.Trace_ELBO())
     for _ in range(300):
         svi.step(torch.randn(64, 1) * 1.2)
     x = torch.tensor([[-1.0], [1.5]])
