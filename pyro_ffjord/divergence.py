@@ -6,7 +6,8 @@ Two estimators, as in FFJORD (Grathwohl et al., 2019, Sec. 3.1):
   (:meth:`~pyro_ffjord.nets.ODENet.forward_and_jacobian`), else all D rows of the Jacobian from
   one batched vector-Jacobian product;
 * Hutchinson: :math:`\operatorname{tr}(J) = \mathbb{E}_\epsilon[\epsilon^\top J \epsilon]`
-  with one VJP, for noise with :math:`\mathbb{E}[\epsilon\epsilon^\top] = I`.
+  with one Jacobian-vector product propagated forward by the network, else one VJP, for noise
+  with :math:`\mathbb{E}[\epsilon\epsilon^\top] = I`.
 
 Both return the rows they computed so that the Jacobian regularizer reuses them.
 """
@@ -61,5 +62,14 @@ def divergence_exact(f: Tensor, z: Tensor, create_graph: bool) -> tuple[Tensor, 
 
 
 def divergence_from_jacobian(jacobian: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact trace from the full Jacobian ``(N, D, D)``; also returns its rows shaped ``(D, N, D)``."""
+    """Exact trace from the Jacobian (or its transpose) ``(N, D, D)``; also returns it as ``(D, N, D)``."""
     return jacobian.diagonal(dim1=-2, dim2=-1).sum(-1), jacobian.transpose(0, 1)
+
+
+def divergence_hutchinson_jvp(jvp: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Hutchinson estimate :math:`\epsilon^\top (J \epsilon)` from a Jacobian-vector product ``(N, D)``.
+
+    Returns the estimate ``(N,)`` and :math:`J \epsilon`, whose squared norm is, like that of
+    :math:`\epsilon^\top J`, an unbiased estimate of :math:`\lVert J \rVert_F^2`.
+    """
+    return (jvp * noise).sum(-1), jvp

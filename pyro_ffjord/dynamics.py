@@ -27,6 +27,7 @@ from .divergence import (
     divergence_exact,
     divergence_from_jacobian,
     divergence_hutchinson,
+    divergence_hutchinson_jvp,
     sample_noise,
 )
 from .nets import check_choice
@@ -93,10 +94,14 @@ class CNFDynamics:
         t = s * self.T if self.rescaled else s
         context = () if self.context is None else (self.context,)
         forward_and_jacobian = getattr(self.flow.net, "forward_and_jacobian", None)
-        if self.noise is None and forward_and_jacobian is not None:
-            # an ordinary graph (or none at all under no_grad): no create_graph, no D backward passes
-            f, jacobian = forward_and_jacobian(t, z, *context)
-            div, rows = divergence_from_jacobian(jacobian)
+        if forward_and_jacobian is not None:
+            # forward mode: an ordinary graph (none at all under no_grad), no create_graph, no double backward
+            if self.noise is None:
+                f, jacobian = forward_and_jacobian(t, z, *context)
+                div, rows = divergence_from_jacobian(jacobian)
+            else:
+                f, jvp = forward_and_jacobian(t, z, *context, tangents=self.noise.unsqueeze(-2))
+                div, rows = divergence_hutchinson_jvp(jvp.squeeze(-2), self.noise)
         else:
             with torch.enable_grad():
                 if not (create_graph and z.requires_grad):

@@ -8,10 +8,11 @@ chosen by name (see :data:`LAYERS`). The layer types follow the FFJORD reference
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -22,18 +23,30 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def _activation_derivative(activation: nn.Module, pre: Tensor, out: Tensor) -> Tensor:
-    """The derivative of one of :data:`ACTIVATIONS` at ``pre``, given also its value ``out`` there."""
-    if isinstance(activation, nn.Tanh):
-        return 1 - out.pow(2)
-    if isinstance(activation, nn.Softplus):
-        return torch.sigmoid(pre * activation.beta).where(pre * activation.beta <= activation.threshold, 1.0)
-    if isinstance(activation, nn.ELU):
-        return torch.where(pre > 0, 1.0, out + activation.alpha)
-    if isinstance(activation, nn.SiLU):
-        s = torch.sigmoid(pre)
-        return s * (1 + pre * (1 - s))
-    raise TypeError(f"no derivative for activation {type(activation).__name__}")
+def _tanh_derivative(pre: Tensor, out: Tensor) -> Tensor:
+    return 1 - out * out
+
+
+def _softplus_derivative(pre: Tensor, out: Tensor) -> Tensor:
+    return torch.sigmoid(pre).where(pre <= 20, 1.0)  # nn.Softplus is linear above its threshold 20
+
+
+def _elu_derivative(pre: Tensor, out: Tensor) -> Tensor:
+    return torch.where(pre > 0, 1.0, out + 1)
+
+
+def _silu_derivative(pre: Tensor, out: Tensor) -> Tensor:
+    return torch.sigmoid(pre) * (1 + pre - out)
+
+
+# sigma'(pre), given pre and out = sigma(pre), for forward-mode Jacobians; module-level so nets pickle
+_DERIVATIVES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "tanh": _tanh_derivative,
+    "softplus": _softplus_derivative,
+    "elu": _elu_derivative,
+    "silu": _silu_derivative,
+    "swish": _silu_derivative,
+}
 
 
 def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
@@ -46,11 +59,9 @@ def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
     return tt if context is None else torch.cat([tt.expand(x.shape[:-1] + (1,)), context], dim=-1)
 
 
-def _apply_weight(weight: Tensor, tangent: Tensor | None) -> Tensor:
-    """``weight @ tangent`` for tangents ``(N, in, D)``; ``None`` stands for the identity (the first layer)."""
-    if tangent is None:
-        return weight.unsqueeze(0)
-    return torch.einsum("oi,nid->nod", weight, tangent)
+def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
+    """The linear map ``weight`` applied to tangents ``(N, k, in)``; ``None`` stands for the identity."""
+    return weight.t().unsqueeze(0) if tangents is None else F.linear(tangents, weight)
 
 
 class ConcatSquashLinear(nn.Module):
@@ -66,13 +77,16 @@ class ConcatSquashLinear(nn.Module):
         self.shift = nn.Linear(1 + context_dim, out_features, bias=False)
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        c = _conditioner(t, x, context)
-        return self.linear(x) * torch.sigmoid(self.gate(c)) + self.shift(c)
+        return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
 
-    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
-        """The layer's Jacobian in ``x`` times ``tangent`` ``(N, in, D)`` (see :meth:`ODENet.forward_and_jacobian`)."""
-        gate = torch.sigmoid(self.gate(_conditioner(t, x, context)))
-        return _apply_weight(self.linear.weight, tangent) * gate.unsqueeze(-1)
+    def forward_and_jvp(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`)."""
+        c = _conditioner(t, x, context)
+        gate = torch.sigmoid(self.gate(c))
+        out = self.linear(x) * gate + self.shift(c)
+        return out, _apply_weight(self.linear.weight, tangents) * gate.unsqueeze(-2) if jvp else None
 
 
 class SquashLinear(nn.Module):
@@ -84,12 +98,15 @@ class SquashLinear(nn.Module):
         self.gate = nn.Linear(1 + context_dim, out_features)
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.linear(x) * torch.sigmoid(self.gate(_conditioner(t, x, context)))
+        return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
 
-    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
-        """The layer's Jacobian in ``x`` times ``tangent``, shape ``(N, in, D)``."""
+    def forward_and_jvp(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward."""
         gate = torch.sigmoid(self.gate(_conditioner(t, x, context)))
-        return _apply_weight(self.linear.weight, tangent) * gate.unsqueeze(-1)
+        out = self.linear(x) * gate
+        return out, _apply_weight(self.linear.weight, tangents) * gate.unsqueeze(-2) if jvp else None
 
 
 class ConcatLinear(nn.Module):
@@ -103,9 +120,11 @@ class ConcatLinear(nn.Module):
         c = _conditioner(t, x, context)
         return self.linear(torch.cat([x, c.expand(x.shape[:-1] + c.shape[-1:])], dim=-1))
 
-    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
-        """The layer's Jacobian in ``x`` times ``tangent``, shape ``(N, in, D)``."""
-        return _apply_weight(self.linear.weight[:, : x.shape[-1]], tangent)
+    def forward_and_jvp(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The output and the tangents ``(N, k, in)`` pushed forward."""
+        return self(t, x, context), _apply_weight(self.linear.weight[:, : x.shape[-1]], tangents)
 
 
 class IgnoreLinear(nn.Module):
@@ -118,9 +137,11 @@ class IgnoreLinear(nn.Module):
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.linear(x if context is None else torch.cat([x, context], dim=-1))
 
-    def jvp(self, t: Tensor, x: Tensor, tangent: Tensor | None, context: Tensor | None = None) -> Tensor:
-        """The layer's Jacobian in ``x`` times ``tangent``, shape ``(N, in, D)``."""
-        return _apply_weight(self.linear.weight[:, : x.shape[-1]], tangent)
+    def forward_and_jvp(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The output and the tangents ``(N, k, in)`` pushed forward."""
+        return self(t, x, context), _apply_weight(self.linear.weight[:, : x.shape[-1]], tangents)
 
 
 LAYERS: dict[str, type[nn.Module]] = {
@@ -180,47 +201,52 @@ class ODENet(nn.Module):
             LAYERS[layer](w_in, w_out, context_dim) for w_in, w_out in zip(widths[:-1], widths[1:])
         )
         self.activation = ACTIVATIONS[activation]()
+        self._derivative = _DERIVATIVES[activation]
 
     def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
-        return self._evaluate(t, z, context, jacobian=False)[0]
+        h = z
+        for i in range(len(self.layers)):
+            h = self._layer(i, t, h, None, context, jvp=False)[0]
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        return h
 
-    def forward_and_jacobian(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        r"""``f(t, z)`` and its Jacobian :math:`\partial f / \partial z`, shape ``(N, D, D)``.
+    def forward_and_jacobian(
+        self, t: Tensor, z: Tensor, context: Tensor | None = None, tangents: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``f(t, z)`` and Jacobian-vector products :math:`J v_j`, :math:`J = \partial f / \partial z`.
 
         Forward-mode propagation through the layers, :math:`J_{l+1} = \sigma'(a_l) \odot (W_l J_l)`: one
-        batched matrix product per layer gives the exact trace, where autograd needs D vector-Jacobian
-        products. It is an ordinary differentiable graph, so the exact-trace dynamics need no
-        ``create_graph`` and, under ``torch.no_grad``, record nothing at all.
+        batched matrix product per layer. ``tangents`` ``(N, k, D)`` holds k vectors :math:`v_j` per sample
+        and the result ``(N, k, D)`` their images :math:`J v_j`, e.g. for Hutchinson's estimator
+        :math:`\epsilon^\top J \epsilon`; ``None`` stands for the D basis vectors, so the result is
+        :math:`J^\top` (the exact trace, where autograd needs D vector-Jacobian products). Either way it
+        is an ordinary differentiable graph: the dynamics need no ``create_graph`` (no double backward
+        in training) and, under ``torch.no_grad``, record nothing at all.
 
         Example:
             >>> net = ODENet(3, (8,))
-            >>> f, jac = net.forward_and_jacobian(torch.tensor(0.1), torch.randn(5, 3))
-            >>> jac.shape
+            >>> f, jac_t = net.forward_and_jacobian(torch.tensor(0.1), torch.randn(5, 3))
+            >>> jac_t.shape
             torch.Size([5, 3, 3])
         """
-        return self._evaluate(t, z, context, jacobian=True)
-
-    def _preactivation(self, i: int, t: Tensor, h: Tensor, context: Tensor | None) -> Tensor:
-        return self.layers[i](t, h, context)
-
-    def _preactivation_jvp(
-        self, i: int, t: Tensor, h: Tensor, tangent: Tensor | None, context: Tensor | None
-    ) -> Tensor:
-        return self.layers[i].jvp(t, h, tangent, context)
-
-    def _evaluate(self, t: Tensor, z: Tensor, context: Tensor | None, jacobian: bool) -> tuple[Tensor, Tensor | None]:
-        h, jac = z, None
-        last = len(self.layers) - 1
+        h, jvp = z, tangents
         for i in range(len(self.layers)):
-            pre = self._preactivation(i, t, h, context)
-            if jacobian:
-                jac = self._preactivation_jvp(i, t, h, jac, context)
-            h = pre if i == last else self.activation(pre)
-            if jacobian and i < last:
-                jac = jac * _activation_derivative(self.activation, pre, h).unsqueeze(-1)
-        if jacobian:
-            jac = jac.expand(z.shape[0], -1, -1)
-        return h, jac
+            pre, jvp = self._layer(i, t, h, jvp, context, jvp=True)
+            if i < len(self.layers) - 1:
+                h = self.activation(pre)
+                jvp = jvp * self._derivative(pre, h).unsqueeze(-2)
+            else:
+                h = pre
+        return h, jvp.expand(z.shape[0], *jvp.shape[1:])
+
+    def _layer(
+        self, i: int, t: Tensor, h: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Pre-activation of layer ``i`` and, if ``jvp``, the tangents pushed through it."""
+        if not jvp:
+            return self.layers[i](t, h, context), None
+        return self.layers[i].forward_and_jvp(t, h, tangents, context)
 
 
 class AmortizedLowRankODENet(ODENet):
@@ -278,15 +304,12 @@ class AmortizedLowRankODENet(ODENet):
         w_in, w_out = self._shapes[i]
         return u.view(-1, w_in, self.rank) / math.sqrt(w_in * self.rank), v.view(-1, self.rank, w_out), b
 
-    def _preactivation(self, i: int, t: Tensor, h: Tensor, context: Tensor | None) -> Tensor:
+    def _layer(
+        self, i: int, t: Tensor, h: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
+    ) -> tuple[Tensor, Tensor | None]:
         u, v, b = self._low_rank(i, context)
-        return self.layers[i](t, h) + torch.bmm(torch.bmm(h.unsqueeze(1), u), v).squeeze(1) + b
-
-    def _preactivation_jvp(
-        self, i: int, t: Tensor, h: Tensor, tangent: Tensor | None, context: Tensor | None
-    ) -> Tensor:
-        u, v, _ = self._low_rank(i, context)
-        low_rank = torch.bmm(
-            v.transpose(1, 2), u.transpose(1, 2) if tangent is None else torch.bmm(u.transpose(1, 2), tangent)
-        )
-        return self.layers[i].jvp(t, h, tangent) + low_rank
+        pre, jvp_out = super()._layer(i, t, h, tangents, None, jvp)
+        pre = pre + torch.bmm(torch.bmm(h.unsqueeze(1), u), v).squeeze(1) + b
+        if jvp:  # tangents (N, k, in) -> (N, k, out); the identity gives (U V) itself
+            jvp_out = jvp_out + torch.bmm(u if tangents is None else torch.bmm(tangents, u), v)
+        return pre, jvp_out

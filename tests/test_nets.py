@@ -28,18 +28,24 @@ def test_forward_and_jacobian_matches_autograd(float64, layer, activation, conte
     net = pf.ODENet(3, hidden_dims, context_dim, layer, activation)
     t, z = torch.tensor(0.3), torch.randn(4, 3) * 2
     context = torch.randn(4, context_dim) if context_dim else None
-    f, jacobian = net.forward_and_jacobian(t, z, context)
+    check_forward_and_jacobian(net, t, z, context)
+
+
+def check_forward_and_jacobian(net, t, z, context):
+    """Without tangents the result is the transposed Jacobian; with tangents (N, k, D), J v for each."""
+    expected = autograd_jacobian(net, t, z, context)
+    f, jacobian_t = net.forward_and_jacobian(t, z, context)
     assert torch.allclose(f, net(t, z, context))
-    assert torch.allclose(jacobian, autograd_jacobian(net, t, z, context), atol=1e-12)
+    assert torch.allclose(jacobian_t, expected.transpose(1, 2), atol=1e-12)
+    tangents = torch.randn(len(z), 2, z.shape[1])
+    f, jvp = net.forward_and_jacobian(t, z, context, tangents=tangents)
+    assert torch.allclose(jvp, torch.einsum("nij,nkj->nki", expected, tangents), atol=1e-12)
 
 
 @pytest.mark.parametrize("layer, activation", list(itertools.product(LAYERS, ["tanh", "softplus"])))
 def test_amortized_forward_and_jacobian_matches_autograd(float64, layer, activation):
     net = pf.AmortizedLowRankODENet(3, (5, 6), rank=2, layer=layer, activation=activation)
-    t, z, context = torch.tensor(0.7), torch.randn(4, 3), torch.randn(4, net.context_dim)
-    f, jacobian = net.forward_and_jacobian(t, z, context)
-    assert torch.allclose(f, net(t, z, context))
-    assert torch.allclose(jacobian, autograd_jacobian(net, t, z, context), atol=1e-12)
+    check_forward_and_jacobian(net, torch.tensor(0.7), torch.randn(4, 3), torch.randn(4, net.context_dim))
 
 
 class _OpaqueNet(nn.Module):
@@ -54,22 +60,29 @@ class _OpaqueNet(nn.Module):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_exact_divergence_and_its_gradients_agree_with_the_autograd_fallback(float64, grad):
-    """Both exact-trace paths give the same dynamics (f, trace, Jacobian norm) and the same gradients."""
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_divergence_and_its_gradients_agree_with_the_autograd_fallback(float64, divergence, grad):
+    """Forward-mode (JVP/Jacobian) and autograd (VJP) paths give the same dynamics and gradients.
+
+    For Hutchinson, e^T (J e) and (e^T J) e are the same number; only the Jacobian-norm rows differ
+    (J e versus e^T J, both unbiased for the Frobenius norm), so they are compared for the exact trace.
+    """
     outputs = []
     for wrap in (False, True):
         torch.manual_seed(0)
         net = pf.ODENet(3, (8, 8), 2)
-        flow = pf.conditional_ffjord(3, 2, hidden_dims=(8, 8), divergence="exact").flow
+        flow = pf.conditional_ffjord(3, 2, hidden_dims=(8, 8), divergence=divergence).flow
         flow.net = _OpaqueNet(net) if wrap else net
         z, context = torch.randn(5, 3, requires_grad=True), torch.randn(5, 2)
-        dynamics = CNFDynamics(flow, flow.T, False, context, None, regularize=True)
+        noise = torch.randn(5, 3) if divergence == "hutchinson" else None
+        dynamics = CNFDynamics(flow, flow.T, False, context, noise, regularize=True)
         with torch.set_grad_enabled(grad):
             f, div, kinetic, frobenius = dynamics(torch.tensor(0.2), (z, None))
-        result = [f, div, frobenius]
+        norm = frobenius if divergence == "exact" else torch.zeros(())
+        result = [f, div, norm]
         if grad:
             inputs = [z, *net.parameters()]
-            grads = torch.autograd.grad(div.sum() + frobenius.sum(), inputs, allow_unused=True)
+            grads = torch.autograd.grad(div.sum() + norm.sum(), inputs, allow_unused=True)
             result += [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
         outputs.append(result)
     for a, b in zip(*outputs):
