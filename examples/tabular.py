@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import math
 import sys
 import time
@@ -52,13 +51,14 @@ from pyro_ffjord.datasets.tabular import TabularData, load_tabular
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
-    NonFiniteError,
     Rollback,
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
+    early_stopping_state,
     evaluation_solver,
     load_checkpoint,
+    record_validation,
     resolve_device,
     train_batches,
     write_json,
@@ -279,16 +279,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     optimizer = pyro.optim.Adam({"lr": args.lr})
     svi = SVI(model, guide, optimizer, Trace_ELBO())
     checkpoint = run_dir / "checkpoint.pt"
-    state: dict[str, Any] = {
-        "losses": [],
-        "val": [],
-        "best_val": math.inf,
-        "best_step": 0,
-        "best_flow": copy.deepcopy(flow.state_dict()),
-        "bad_evals": 0,
-        "stopped": False,
-        "seconds": 0.0,
-    }
+    state = early_stopping_state(flow)
     start, saved = 0, None
     pyro.module(name, flow)  # both objectives keep the parameters in Pyro's param store
     if args.resume:
@@ -313,17 +304,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         state["last_val"] = ""
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             calibrate_batchnorm(flow, calibration)
-            val, _ = nll(flow, data["val"], args.eval_batch_size)
-            if not math.isfinite(val):
-                raise NonFiniteError(f"the validation NLL is {val}", after_update=False)
-            state["last_val"] = val
-            state["val"].append((step + 1, val))
-            if val < state["best_val"]:
-                state.update(best_val=val, best_step=step + 1, best_flow=copy.deepcopy(flow.state_dict()))
-                state["bad_evals"] = 0
-            else:
-                state["bad_evals"] += 1
-            state["stopped"] = state["bad_evals"] >= args.patience
+            record_validation(state, step + 1, nll(flow, data["val"], args.eval_batch_size)[0], flow, args.patience)
         return loss
 
     started = time.time() - state["seconds"]
@@ -349,11 +330,11 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
                 guard.save(step, state=state)
             if state["stopped"]:
                 bar.close()
-                print(f"{name}: early stop at step {step}, best validation NLL at step {state['best_step']}")
+                print(f"{name}: early stop at step {step}, best validation NLL at step {state['best_at']}")
             guard.exit_if_interrupted(step, state=state)
     bar.close()
 
-    flow.load_state_dict(state["best_flow"])
+    flow.load_state_dict(state["best_module"])
     started = time.time()
     with evaluation_solver(flow, args) if flow.cnfs() else contextlib.nullcontext():
         test, se = nll(flow, data["test"], args.eval_batch_size)
@@ -362,7 +343,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         "test_nll": test,
         "test_nll_se": se,
         "best_val_nll": state["best_val"],
-        "best_step": state["best_step"],
+        "best_step": state["best_at"],
         "steps": len(state["losses"]),
         "stopped_early": state["stopped"],
         "train_seconds": round(state["seconds"], 1),

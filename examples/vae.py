@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import math
 import sys
 import time
@@ -54,13 +53,14 @@ from pyro_ffjord.datasets.vae import VAEData, load_vae_dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
-    NonFiniteError,
     Rollback,
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
+    early_stopping_state,
     evaluation_solver,
     load_checkpoint,
+    record_validation,
     resolve_device,
     train_batches,
     write_json,
@@ -306,16 +306,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     svi = SVI(vae.model, vae.guide, optimizer, Trace_ELBO())
     steps_per_epoch = max(len(train) // args.batch_size, 1)
     num_steps = args.num_epochs * steps_per_epoch
-    state: dict[str, Any] = {
-        "losses": [],
-        "val": [],
-        "best_val": math.inf,
-        "best_epoch": 0,
-        "best_vae": copy.deepcopy(vae.state_dict()),
-        "bad_epochs": 0,
-        "stopped": False,
-        "seconds": 0.0,
-    }
+    state = early_stopping_state(vae)
     checkpoint = run_dir / "checkpoint.pt"
     start, saved = 0, None
     pyro.module("vae", vae)
@@ -340,18 +331,10 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         state["losses"].append(loss)
         state["last_val"] = ""
         if (step + 1) % steps_per_epoch == 0:  # end of an epoch: validation -ELBO (training solver)
-            epoch = (step + 1) // steps_per_epoch
             val_loss = evaluate(vae, val, 1, args.eval_batch_size, args.is_chunk)["neg_elbo"]
-            if not math.isfinite(val_loss):
-                raise NonFiniteError(f"the validation -ELBO is {val_loss}", after_update=False)
-            state["last_val"] = val_loss
-            state["val"].append((epoch, val_loss))
-            if val_loss < state["best_val"]:
-                state.update(best_val=val_loss, best_epoch=epoch, best_vae=copy.deepcopy(vae.state_dict()))
-                state["bad_epochs"] = 0
-            elif beta_of(step) >= args.max_beta:  # as in Sylvester: no early stopping during the warm-up
-                state["bad_epochs"] += 1
-            state["stopped"] = state["bad_epochs"] >= args.patience
+            # as in Sylvester, epochs of the KL warm-up do not count towards early stopping
+            warm = beta_of(step) >= args.max_beta
+            record_validation(state, (step + 1) // steps_per_epoch, val_loss, vae, args.patience, count=warm)
         return loss
 
     started = time.time() - state["seconds"]
@@ -383,11 +366,11 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
                 guard.save(step, state=state)
             if state["stopped"]:
                 bar.close()
-                print(f"{name}: early stop after epoch {step // steps_per_epoch}, best at epoch {state['best_epoch']}")
+                print(f"{name}: early stop after epoch {step // steps_per_epoch}, best at epoch {state['best_at']}")
             guard.exit_if_interrupted(step, state=state)
     bar.close()
 
-    vae.load_state_dict(state["best_vae"])
+    vae.load_state_dict(state["best_module"])
     vae.eval()
     started = time.time()
     result = test_metrics(args.is_samples)
@@ -398,7 +381,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         "test_neg_elbo_paper_units": in_paper_units(result["neg_elbo"], vae),
         "test_nll_paper_units": in_paper_units(result["nll"], vae),
         "best_val_neg_elbo": state["best_val"],
-        "best_epoch": state["best_epoch"],
+        "best_epoch": state["best_at"],
         "epochs": len(state["val"]),
         "stopped_early": state["stopped"],
         "train_seconds": round(state["seconds"], 1),

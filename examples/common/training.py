@@ -297,6 +297,42 @@ def scale_learning_rate(optimizer: pyro.optim.PyroOptim, factor: float) -> None:
         scale_state(state)
 
 
+def early_stopping_state(module: torch.nn.Module) -> dict[str, Any]:
+    """The training state the examples checkpoint: losses, validations and the early-stopping record."""
+    return {
+        "losses": [],
+        "val": [],
+        "best_val": math.inf,
+        "best_at": 0,
+        "best_module": copy.deepcopy(module.state_dict()),
+        "bad_evals": 0,
+        "stopped": False,
+        "seconds": 0.0,
+    }
+
+
+def record_validation(
+    state: dict[str, Any], at: int, value: float, module: torch.nn.Module, patience: int, count: bool = True
+) -> None:
+    """Early stopping: records validation loss ``value`` at step/epoch ``at`` in ``state``.
+
+    Keeps a copy of the module's best state; after ``patience`` validations without improvement (not
+    counted when ``count`` is False, e.g. during a warm-up) it sets ``state["stopped"]``.
+
+    Raises:
+        NonFiniteError: ``value`` is NaN or infinite.
+    """
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the validation loss is {value}", after_update=False)
+    state["last_val"] = value
+    state["val"].append((at, value))
+    if value < state["best_val"]:
+        state.update(best_val=value, best_at=at, best_module=copy.deepcopy(module.state_dict()), bad_evals=0)
+    elif count:
+        state["bad_evals"] += 1
+    state["stopped"] = state["bad_evals"] >= patience
+
+
 def resume_command(argv: list[str] | None = None) -> str:
     """The command line of this run with ``--resume`` added."""
     argv = sys.argv if argv is None else argv
