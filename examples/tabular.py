@@ -31,7 +31,6 @@ import math
 import sys
 import time
 import warnings
-from functools import partial
 from itertools import combinations
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,7 +50,6 @@ from pyro_ffjord.datasets.tabular import TabularData, load_tabular
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
-    Rollback,
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
@@ -307,32 +305,23 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
             record_validation(state, step + 1, nll(flow, data["val"], args.eval_batch_size)[0], flow, args.patience)
         return loss
 
-    started = time.time() - state["seconds"]
+    def report(step: int, loss: float, state: dict[str, Any]) -> None:
+        cnfs = flow.cnfs()
+        nfe = sum(c.nfe.forward for c in cnfs)
+        T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
+        bar.set_postfix(nll=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
+        bar.update()
+        seconds = round(state["seconds"], 2)
+        log.write(step=step, loss=loss, val_nll=state["last_val"], nfe_forward=nfe, T=T_mean, seconds=seconds)
+
     bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress, desc=name)
-    step = start
     with TrainingGuard(args, checkpoint, optimizer, flow, log=log, bar=bar, resumed=saved) as guard:
-        while step < args.num_steps and not state["stopped"]:
-            outcome = guard.run(step, partial(train_step, step, state), state=state)
-            if isinstance(outcome, Rollback):  # a recovered solver fault or NaN
-                step, state = outcome.step, outcome.extra["state"]
-                continue
-            loss = outcome
-            cnfs = flow.cnfs()
-            nfe = sum(c.nfe.forward for c in cnfs)
-            T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
-            bar.set_postfix(nll=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
-            bar.update()
-            state["seconds"] = time.time() - started
-            val = state.pop("last_val")
-            log.write(step=step, loss=loss, val_nll=val, nfe_forward=nfe, T=T_mean, seconds=round(state["seconds"], 2))
-            step += 1
-            if step % args.checkpoint_every == 0 or step == args.num_steps or state["stopped"]:
-                guard.save(step, state=state)
-            if state["stopped"]:
-                bar.close()
-                print(f"{name}: early stop at step {step}, best validation NLL at step {state['best_at']}")
-            guard.exit_if_interrupted(step, state=state)
+        state = guard.run_steps(
+            state, start, args.num_steps, train_step, report, lambda step: step % args.checkpoint_every == 0
+        )
     bar.close()
+    if state["stopped"]:
+        print(f"{name}: early stop after {len(state['losses'])} steps, best validation NLL at step {state['best_at']}")
 
     flow.load_state_dict(state["best_module"])
     started = time.time()

@@ -53,7 +53,6 @@ from pyro_ffjord.datasets.vae import VAEData, load_vae_dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
-    Rollback,
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
@@ -337,38 +336,21 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
             record_validation(state, (step + 1) // steps_per_epoch, val_loss, vae, args.patience, count=warm)
         return loss
 
-    started = time.time() - state["seconds"]
+    def report(step: int, loss: float, state: dict[str, Any]) -> None:
+        nfe = sum(c.nfe.forward for c in cnfs)
+        bar.set_postfix(neg_elbo=f"{loss:.2f}", best_val=f"{state['best_val']:.2f}", nfe=nfe)
+        bar.update()
+        epoch = step // steps_per_epoch + 1
+        val = state["last_val"]
+        seconds = round(state["seconds"], 2)
+        log.write(step=step, epoch=epoch, beta=beta_of(step), loss=loss, val_neg_elbo=val, nfe=nfe, seconds=seconds)
+
     bar = tqdm(initial=start, total=num_steps, disable=args.no_progress, desc=name)
-    step = start
     with TrainingGuard(args, checkpoint, optimizer, vae, log=log, bar=bar, resumed=saved) as guard:
-        while step < num_steps and not state["stopped"]:
-            outcome = guard.run(step, partial(train_step, step, state), state=state)
-            if isinstance(outcome, Rollback):  # a recovered solver fault or NaN
-                step, state = outcome.step, outcome.extra["state"]
-                continue
-            nfe = sum(c.nfe.forward for c in cnfs)
-            bar.set_postfix(neg_elbo=f"{outcome:.2f}", best_val=f"{state['best_val']:.2f}", nfe=nfe)
-            bar.update()
-            state["seconds"] = time.time() - started
-            val_loss = state.pop("last_val")
-            beta = beta_of(step)
-            log.write(
-                step=step,
-                epoch=step // steps_per_epoch + 1,
-                beta=beta,
-                loss=outcome,
-                val_neg_elbo=val_loss,
-                nfe=nfe,
-                seconds=round(state["seconds"], 2),
-            )
-            step += 1
-            if step % steps_per_epoch == 0 or step == num_steps or state["stopped"]:
-                guard.save(step, state=state)
-            if state["stopped"]:
-                bar.close()
-                print(f"{name}: early stop after epoch {step // steps_per_epoch}, best at epoch {state['best_at']}")
-            guard.exit_if_interrupted(step, state=state)
+        state = guard.run_steps(state, start, num_steps, train_step, report, lambda step: step % steps_per_epoch == 0)
     bar.close()
+    if state["stopped"]:
+        print(f"{name}: early stop after epoch {len(state['val'])}, best at epoch {state['best_at']}")
 
     vae.load_state_dict(state["best_module"])
     vae.eval()

@@ -16,8 +16,10 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -524,6 +526,38 @@ class TrainingGuard:
                 raise
             return self._recover(step, fault, list(extra))
         return loss
+
+    def run_steps(
+        self,
+        state: dict[str, Any],
+        start: int,
+        num_steps: int,
+        train_step: Callable[[int, dict[str, Any]], float],
+        report: Callable[[int, float, dict[str, Any]], None],
+        checkpoint_due: Callable[[int], bool],
+    ) -> dict[str, Any]:
+        """The training loop of an example with early stopping (see :func:`early_stopping_state`).
+
+        Runs ``train_step(step, state)`` through :meth:`run` for steps ``start`` to ``num_steps`` or until
+        ``state["stopped"]``, rolling back on recovered faults; after each step calls ``report(step, loss,
+        state)`` (progress bar, log), checkpoints when ``checkpoint_due(step + 1)``, at the end and on an
+        early stop, and exits cleanly on a pending signal. Returns the final state.
+        """
+        started = time.time() - state["seconds"]
+        step = start
+        while step < num_steps and not state["stopped"]:
+            outcome = self.run(step, partial(train_step, step, state), state=state)
+            if isinstance(outcome, Rollback):  # a recovered solver fault or NaN
+                step, state = outcome.step, outcome.extra["state"]
+                continue
+            state["seconds"] = time.time() - started
+            report(step, outcome, state)
+            state.pop("last_val", None)
+            step += 1
+            if checkpoint_due(step) or step == num_steps or state["stopped"]:
+                self.save(step, state=state)
+            self.exit_if_interrupted(step, state=state)
+        return state
 
     def _recover(self, step: int, error: Exception, keys: list[str]) -> Rollback:
         before = self._snapshots[-1]  # the state before the failing step: finite, as every snapshot
