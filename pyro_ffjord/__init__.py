@@ -2,6 +2,7 @@
 
 from .autoguide import AutoFFJORD
 from .dynamics import NFE
+from .multiscale import MultiscaleFFJORD, bits_per_dim, dequantize
 from .nets import ODENet
 from .solve import ODESolveError
 from .transforms import FFJORD, ConditionalFFJORD, ConditionedFFJORD, conditional_ffjord, ffjord, solver_settings
@@ -14,9 +15,12 @@ __all__ = [
     "NFE",
     "ConditionalFFJORD",
     "ConditionedFFJORD",
+    "MultiscaleFFJORD",
     "ODENet",
     "ODESolveError",
+    "bits_per_dim",
     "conditional_ffjord",
+    "dequantize",
     "ffjord",
     "solver_settings",
 ]
