@@ -122,20 +122,15 @@ def training_batch(train: Tensor, size: int, seed: int, device: torch.device) ->
 
 
 @torch.no_grad()
-def test_bits_per_dim(flow: pf.MultiscaleFFJORD, test: Tensor, args, procs: Processes) -> tuple[float, float]:
+def evaluate_bits_per_dim(flow: pf.MultiscaleFFJORD, test: Tensor, args, procs: Processes) -> tuple[float, float]:
     """Mean test bits/dim and its standard error; each process scores its share, the sums are all-reduced."""
     g = torch.Generator().manual_seed(args.seed + 10_000)
     x = pf.dequantize(test, generator=g)[procs.rank :: procs.world_size]  # same noise for every world size
     num_dims = math.prod(flow.input_shape)
-    bpd = torch.cat(
-        [
-            pf.bits_per_dim(distribution(flow, chunk).log_prob(chunk.to(procs.device)).double(), num_dims)
-            for chunk in x.split(args.eval_batch_size)
-        ]
-    )
+    chunks = (chunk.to(procs.device) for chunk in x.split(args.eval_batch_size))
+    bpd = torch.cat([pf.bits_per_dim(distribution(flow, c).log_prob(c).double(), num_dims) for c in chunks])
     sums = torch.stack([bpd.sum(), bpd.pow(2).sum(), bpd.new_tensor(len(bpd))])
     if procs.world_size > 1:
-        sums = sums.to(procs.device)
         torch.distributed.all_reduce(sums)
     total, squares, n = sums.tolist()
     mean = total / n
@@ -262,7 +257,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
 
     with evaluation_solver(flow, args):
         eval_started = time.time()
-        bpd, se = test_bits_per_dim(flow, test, args, procs)
+        bpd, se = evaluate_bits_per_dim(flow, test, args, procs)
         metrics = {
             "dataset": args.dataset,
             "test_bits_per_dim": bpd,
