@@ -138,12 +138,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
+    """Restores what :func:`rng_state` captured (a checkpoint loaded with ``map_location="cuda"`` included:
+    RNG states must be CPU byte tensors)."""
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: Path, step: int, optimizer: pyro.optim.PyroOptim, **extra: Any) -> None:
