@@ -276,8 +276,9 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
 
     @property
     def flows(self) -> list[ContinuousFlow]:
-        """Every CNF block, from data to base."""
-        return [m for m in self.modules() if isinstance(m, ContinuousFlow)]
+        """Every CNF block, in order from data to base."""
+        stages = chain.from_iterable(zip(self.pre, [*self.post, []]))
+        return [flow for stage in stages for flow in stage]
 
     def _stamp(self) -> tuple:
         return (
@@ -326,6 +327,10 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
                 f"{name} must have shape (..., {', '.join(map(str, self.input_shape))}), got {tuple(value.shape)}"
             )
         _check_tensor(name, value.flatten(-3), math.prod(self.input_shape), self.flows[0].log_T)
+        if not reverse:  # the logit needs alpha + (1 - 2 alpha) x in (0, 1): pixels in [0, 1], or samples
+            logit_arg = self.logit.alpha + (1 - 2 * self.logit.alpha) * value
+            if not ((logit_arg > 0) & (logit_arg < 1)).all():
+                raise ValueError(f"{name} must hold pixels in [0, 1], e.g. from pyro_ffjord.dequantize")
         batch = value.shape[:-3]
         flat = value.reshape(-1, *self.input_shape)
         if flat.shape[0] == 0:

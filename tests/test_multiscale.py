@@ -123,6 +123,7 @@ def test_solver_settings_and_regularization_reach_every_block():
     assert t.regularization_loss() > 0
     assert t.nfe.forward == 3 * 8
     assert t.T.shape == (3,)
+    assert t.flows == [t.pre[0][0], t.post[0][0], t.pre[1][0]]  # data to base
 
 
 def test_svi_step_with_pyro_sample():
@@ -147,6 +148,8 @@ def test_bad_inputs_name_the_argument():
         t.inv(torch.rand(2, 1, 4, 5))
     with pytest.raises(ValueError, match="x contains NaN"):
         t.inv(torch.full((2, 1, 4, 4), math.nan))
+    with pytest.raises(ValueError, match=r"x must hold pixels in \[0, 1\]"):
+        t.inv(torch.full((2, 1, 4, 4), 255.0))
     with pytest.raises(TypeError, match="z must have dtype"):
         t(torch.zeros(2, 1, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="divisible"):
