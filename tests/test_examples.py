@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from test_datasets_images import write_fake_cifar10
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -160,3 +161,12 @@ def test_images_data_parallel_with_two_gloo_processes(tmp_path):
     assert metrics["world_size"] == 2 and metrics["ranks_in_sync"]
     assert math.isfinite(metrics["test_bits_per_dim"])
     assert (tmp_path / "checkpoint.pt").is_file() and list(tmp_path.glob("*.png"))
+
+
+def test_images_on_cifar10_layout_with_three_scales(tmp_path):
+    write_fake_cifar10(tmp_path / "data")
+    args = [*TINY["images.py"], "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--n-scales", "3"]
+    run("images.py", [*args, "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "cifar10_samples.png").is_file()
+    missing = run("images.py", [*args, "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)], ok=False)
+    assert missing.returncode != 0 and "cifar-10-batches-py/data_batch_1" in missing.stderr

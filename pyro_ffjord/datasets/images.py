@@ -3,15 +3,16 @@
 Nothing is downloaded; paths are relative to the data root (see :mod:`._paths`):
 
 * MNIST: ``MNIST/raw/{train,t10k}-images-idx3-ubyte.gz`` (the original idx files, as torchvision
-  downloads them; read here directly, gzipped or not);
-* CIFAR-10: ``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` (the python version,
-  read with ``torchvision.datasets.CIFAR10(download=False)``).
+  downloads them);
+* CIFAR-10: ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (the python version, as
+  torchvision's ``CIFAR10`` downloads it; pickled dicts whose ``data`` rows are 3x32x32 pixels).
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,7 @@ IMAGE_DATASETS = ("mnist", "cifar10")
 
 _FILES = {
     "mnist": [f"MNIST/raw/{split}-images-idx3-ubyte.gz" for split in ("train", "t10k")],
-    "cifar10": [
-        f"cifar-10-batches-py/{name}"
-        for name in ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))
-    ],
+    "cifar10": [f"cifar-10-batches-py/{name}" for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")],
 }
 _WHAT = {
     "mnist": "MNIST in torchvision's layout (the original idx .gz files)",
@@ -66,6 +64,16 @@ def _read_idx_images(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).reshape(n, 1, h, w)
 
 
+def _read_cifar_batch(path: Path) -> torch.Tensor:
+    """Reads one pickled CIFAR-10 batch as ``(N, 3, 32, 32)`` ``uint8``."""
+    try:
+        with open(path, "rb") as f:
+            data = np.asarray(pickle.load(f, encoding="latin1")["data"], dtype=np.uint8)
+        return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    except Exception as err:
+        raise ValueError(f"{path} is not a CIFAR-10 python batch (corrupt or truncated?): {err!r}") from err
+
+
 def load_image_dataset(name: str, root: str | os.PathLike | None = None) -> ImageData:
     """Loads MNIST (60000/10000, 1x28x28) or CIFAR-10 (50000/10000, 3x32x32) as ``uint8`` tensors.
 
@@ -82,8 +90,5 @@ def load_image_dataset(name: str, root: str | os.PathLike | None = None) -> Imag
     paths = [require_file(root / path, _WHAT[name]) for path in _FILES[name]]
     if name == "mnist":
         return ImageData(_read_idx_images(paths[0]), _read_idx_images(paths[1]), name)
-    import torchvision
-
-    splits = [torchvision.datasets.CIFAR10(str(root), train=train, download=False).data for train in (True, False)]
-    train, test = (torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous() for x in splits)
-    return ImageData(train, test, name)
+    train = torch.cat([_read_cifar_batch(path) for path in paths[:-1]])
+    return ImageData(train, _read_cifar_batch(paths[-1]), name)
