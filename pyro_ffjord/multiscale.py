@@ -154,14 +154,14 @@ class LogitTransform(Transform):
         \log\left|\det \frac{\partial y}{\partial x}\right|
         = \sum_i \log(1 - 2\alpha) - \log s_i - \log(1 - s_i), \quad s = \alpha + (1 - 2\alpha) x.
 
-    The :math:`\alpha` keeps the logit finite at 0 and 1 (RealNVP, Dinh et al., 2017; FFJORD uses
+    Its domain is :math:`[0, 1]` widened by :math:`\alpha / (1 - 2\alpha)` on each side, the image of
+    its inverse. The :math:`\alpha` keeps the logit finite at 0 and 1 (RealNVP, Dinh et al., 2017; FFJORD uses
     :math:`\alpha = 10^{-6}`).
 
     Args:
         alpha: in :math:`(0, 1/2)`.
     """
 
-    domain = constraints.independent(constraints.unit_interval, 3)
     codomain = constraints.independent(constraints.real, 3)
     bijective = True
     sign = 1
@@ -171,6 +171,9 @@ class LogitTransform(Transform):
             raise ValueError(f"alpha must be a number in (0, 0.5), got {alpha!r}")
         super().__init__()
         self.alpha = float(alpha)
+        # everything the logit accepts and its inverse returns: [0, 1] widened by alpha / (1 - 2 alpha)
+        margin = self.alpha / (1 - 2 * self.alpha)
+        self.domain = constraints.independent(constraints.interval(-margin, 1 + margin), 3)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LogitTransform) and other.alpha == self.alpha
@@ -225,8 +228,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         (torch.Size([5, 1, 4, 4]), torch.Size([5]))
     """
 
-    domain = constraints.independent(constraints.unit_interval, 3)
-    codomain = constraints.independent(constraints.real, 3)
+    domain = constraints.independent(constraints.real, 3)
 
     def __init__(
         self,
@@ -256,6 +258,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         _check_option_names(options)
         self.input_shape = (c, h, w)
         self.logit = LogitTransform(alpha)
+        self.codomain = self.logit.domain  # the support of the images: [0, 1], up to the logit's margin
         self.squeeze = Squeeze()
 
         def blocks(shape: tuple[int, int, int], count: int) -> nn.ModuleList:
@@ -327,10 +330,8 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
                 f"{name} must have shape (..., {', '.join(map(str, self.input_shape))}), got {tuple(value.shape)}"
             )
         _check_tensor(name, value.flatten(-3), math.prod(self.input_shape), self.flows[0].log_T)
-        if not reverse:  # the logit needs alpha + (1 - 2 alpha) x in (0, 1): pixels in [0, 1], or samples
-            logit_arg = self.logit.alpha + (1 - 2 * self.logit.alpha) * value
-            if not ((logit_arg > 0) & (logit_arg < 1)).all():
-                raise ValueError(f"{name} must hold pixels in [0, 1], e.g. from pyro_ffjord.dequantize")
+        if not reverse and not self.codomain.check(value).all():
+            raise ValueError(f"{name} must hold pixels in [0, 1], e.g. from pyro_ffjord.dequantize")
         batch = value.shape[:-3]
         flat = value.reshape(-1, *self.input_shape)
         if flat.shape[0] == 0:

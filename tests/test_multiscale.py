@@ -81,6 +81,8 @@ def test_logit_logdet_is_exact(float64, alpha):
     assert torch.allclose(t.inv(y), x, atol=1e-9)
     for i in range(2):
         assert torch.allclose(t.log_abs_det_jacobian(x, y)[i], jacobian_logdet(t, x[i : i + 1]))
+    extreme = t.inv(torch.tensor([-20.0, 20.0]).reshape(1, 1, 1, 2))  # just outside [0, 1]: still in the domain
+    assert t.domain.check(extreme).all() and torch.isfinite(t(extreme)).all()
 
 
 def test_bits_per_dim_of_a_known_distribution(float64):
@@ -150,6 +152,10 @@ def test_bad_inputs_name_the_argument():
         t.inv(torch.full((2, 1, 4, 4), math.nan))
     with pytest.raises(ValueError, match=r"x must hold pixels in \[0, 1\]"):
         t.inv(torch.full((2, 1, 4, 4), 255.0))
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 4, 4), 1.0).to_event(3), [t])
+    assert d.support.check(torch.rand(2, 1, 4, 4)).all() and not d.support.check(torch.full((1, 4, 4), -0.1))
+    with pytest.raises(ValueError, match="support"):  # torch's validation of the observed value
+        d.log_prob(torch.full((2, 1, 4, 4), -0.1))
     with pytest.raises(TypeError, match="z must have dtype"):
         t(torch.zeros(2, 1, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="divisible"):
