@@ -1,4 +1,5 @@
 import math
+from copy import deepcopy
 
 import pyro
 import pyro.distributions as dist
@@ -114,6 +115,10 @@ def test_one_solve_per_block_and_no_stale_cache(monkeypatch):
     with torch.no_grad():
         t.pre[0][0].net.layers[0].conv.bias.add_(1.0)
     assert not torch.equal(d.log_prob(y), first) and len(calls) == 9
+    copy = deepcopy(t)
+    assert copy._record is None
+    dist.TransformedDistribution(d.base_dist, [copy]).log_prob(y)
+    assert len(calls) == 12
 
 
 def test_solver_settings_and_regularization_reach_every_block():
