@@ -330,7 +330,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
                 f"{name} must have shape (..., {', '.join(map(str, self.input_shape))}), got {tuple(value.shape)}"
             )
         _check_tensor(name, value.flatten(-3), math.prod(self.input_shape), self.flows[0].log_T)
-        if not reverse and not self.codomain.check(value).all():
+        if not reverse and not self.codomain.base_constraint.check(value).all():
             raise ValueError(f"{name} must hold pixels in [0, 1], e.g. from pyro_ffjord.dequantize")
         batch = value.shape[:-3]
         flat = value.reshape(-1, *self.input_shape)

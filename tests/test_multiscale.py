@@ -179,3 +179,24 @@ def test_bad_inputs_name_the_argument():
         pf.dequantize(torch.tensor([0.5]))
     with pytest.raises(ValueError, match="num_dims"):
         pf.bits_per_dim(torch.zeros(2), 0)
+
+
+def test_adjoint_gradients_match_backprop(float64):
+    x = images(2)
+    grads = []
+    for adjoint in (True, False):
+        torch.manual_seed(0)
+        t = multiscale(**{**EXACT, "adjoint": adjoint, "rtol": 1e-8, "atol": 1e-8})
+        d = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 4, 4), 1.0).to_event(3), [t])
+        grads.append(torch.autograd.grad(d.log_prob(x).sum(), list(t.parameters())))
+    for with_adjoint, with_backprop in zip(*grads):
+        assert torch.allclose(with_adjoint, with_backprop, rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch():
+    t = multiscale(**FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 4, 4), 1.0).to_event(3), [t])
+    x = torch.rand(0, 1, 4, 4)  # (torch's support check of log_prob cannot reshape an empty batch)
+    z = t.inv(x)
+    assert z.shape == (0, 1, 4, 4) and t.log_abs_det_jacobian(z, x).shape == (0,)
+    assert d.rsample((0,)).shape == (0, 1, 4, 4)
