@@ -2,6 +2,7 @@
 
 from .autoguide import AutoFFJORD
 from .dynamics import NFE
+from .multiscale import MultiscaleFFJORD, bits_per_dim, dequantize
 from .nets import AmortizedLowRankODENet, ODENet
 from .solve import ODESolveError
 from .transforms import (
@@ -25,10 +26,13 @@ __all__ = [
     "NFE",
     "ConditionalFFJORD",
     "ConditionedFFJORD",
+    "MultiscaleFFJORD",
     "ODENet",
     "ODESolveError",
     "amortized_ffjord",
+    "bits_per_dim",
     "conditional_ffjord",
+    "dequantize",
     "ffjord",
     "solver_settings",
 ]

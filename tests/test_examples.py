@@ -6,13 +6,40 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from test_datasets_images import write_fake_cifar10
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 TINY = {
+    "images.py": [
+        "-n",
+        "2",
+        "--num-train",
+        "64",
+        "--num-test",
+        "16",
+        "--batch-size",
+        "4",
+        "--hidden-channels",
+        "4",
+        "--eval-rtol",
+        "1e-3",
+        "--eval-atol",
+        "1e-3",
+        "--eval-batch-size",
+        "16",
+        "--num-samples",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+        "--threads",
+        "1",
+    ],
     "tabular.py": [
         "--num-train",
         "2000",
@@ -93,9 +120,10 @@ def test_every_example_is_covered():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(TINY)
 
 
-def run(name: str, args: list[str], ok: bool = True) -> subprocess.CompletedProcess:
-    """Runs ``examples/<name>`` with ``args``; unless ``ok`` is False it must succeed."""
-    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=600)
+def run(name: str, args: list[str], ok: bool = True, launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Runs ``examples/<name>`` with ``args`` (after ``python *launcher``); unless ``ok`` is False it must succeed."""
+    command = [sys.executable, *launcher, str(EXAMPLES / name), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if ok:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -108,30 +136,58 @@ def test_example_runs(name, tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
-def test_toy_killed_run_resumes_to_the_same_result(tmp_path):
+# example: (extra flags, number of steps, reported metric, logged steps before the kill)
+KILL_AND_RESUME = {
+    "toy_2d.py": (["--checkpoint-every", "1", "--data", "checkerboard"], 60, "test_nll", 10),
+    "images.py": (["--checkpoint-every", "1"], 8, "test_bits_per_dim", 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KILL_AND_RESUME))
+def test_killed_run_resumes_to_the_same_result(name, tmp_path):
     """SIGKILL mid-training, then --resume: same numbers as an uninterrupted run with the same seed."""
-    args = [*TINY["toy_2d.py"], "-n", "60", "--checkpoint-every", "1", "--data", "checkerboard"]
-    run("toy_2d.py", [*args, "--out", str(tmp_path / "straight")])
+    flags, num_steps, metric, kill_after = KILL_AND_RESUME[name]
+    args = [*TINY[name], *flags, "-n", str(num_steps)]
+    run(name, [*args, "--out", str(tmp_path / "straight")])
     expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(EXAMPLES / "toy_2d.py"), *args, "--out", str(out)]
+    cmd = [sys.executable, str(EXAMPLES / name), *args, "--out", str(out)]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "log.csv"
     deadline = time.time() + 300
-    while not (log.is_file() and len(log.read_text().splitlines()) > 10) and time.time() < deadline:
+    while not (log.is_file() and len(log.read_text().splitlines()) > kill_after) and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "metrics.json").exists(), "the run must have been killed before finishing"
-    run("toy_2d.py", [*args, "--out", str(out), "--resume"])
+    run(name, [*args, "--out", str(out), "--resume"])
     resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["test_nll"] == expected["test_nll"]
+    assert resumed[metric] == expected[metric]
     steps = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
-    assert steps == list(range(60))
+    assert steps == list(range(num_steps))
 
 
 def test_toy_rnode_penalty_trains_under_svi(tmp_path):
     """The RNODE factor must belong to the current step's solve (Pyro scores sample sites lazily)."""
     run("toy_2d.py", [*TINY["toy_2d.py"], "--kinetic", "0.1", "--jacobian", "0.1", "--out", str(tmp_path)])
     assert math.isfinite(json.loads((tmp_path / "metrics.json").read_text())["test_nll"])
+
+
+def test_images_data_parallel_with_two_gloo_processes(tmp_path):
+    """torchrun, 2 CPU processes (Gloo): DDP keeps the replicas identical; rank 0 alone writes."""
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    run("images.py", [*TINY["images.py"], "--distributed", "--out", str(tmp_path)], launcher=launcher)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"]
+    assert math.isfinite(metrics["test_bits_per_dim"])
+    assert (tmp_path / "checkpoint.pt").is_file() and list(tmp_path.glob("*.png"))
+
+
+def test_images_on_cifar10_layout_with_three_scales(tmp_path):
+    write_fake_cifar10(tmp_path / "data")
+    args = [*TINY["images.py"], "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--n-scales", "3"]
+    run("images.py", [*args, "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "cifar10_samples.png").is_file()
+    missing = run("images.py", [*args, "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)], ok=False)
+    assert missing.returncode != 0 and "cifar-10-batches-py/data_batch_1" in missing.stderr

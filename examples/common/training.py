@@ -50,19 +50,26 @@ def add_common_args(
     add_fault_args(parser)
 
 
-def add_evaluation_args(parser: argparse.ArgumentParser, tol: float, max_steps: int) -> None:
-    """Flags of the solver behind every reported number (adaptive, exact trace)."""
+def add_evaluation_args(parser: argparse.ArgumentParser, tol: float, max_steps: int, divergence: str = "exact") -> None:
+    """Flags of the solver behind every reported number (adaptive; exact trace unless ``divergence`` says
+    otherwise, e.g. for images, where D vector-Jacobian products per evaluation are too many)."""
     parser.add_argument("--eval-method", default="dopri5", help="adaptive torchdiffeq solver for evaluation")
     parser.add_argument("--eval-rtol", type=float, default=tol, help="relative tolerance of the evaluation solves")
     parser.add_argument("--eval-atol", type=float, default=tol, help="absolute tolerance of the evaluation solves")
     parser.add_argument("--eval-max-steps", type=int, default=max_steps, help="step budget of the evaluation solves")
+    parser.add_argument(
+        "--eval-divergence",
+        choices=["exact", "hutchinson"],
+        default=divergence,
+        help="trace of the evaluation solves (Hutchinson: an unbiased estimate of the log-likelihood)",
+    )
 
 
 def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """Switches every CNF in ``module`` to the evaluation solver of :func:`add_evaluation_args`."""
     return pf.solver_settings(
         module,
-        divergence="exact",
+        divergence=args.eval_divergence,
         method=args.eval_method,
         rtol=args.eval_rtol,
         atol=args.eval_atol,
@@ -87,6 +94,37 @@ def resolve_device(name: str, threads: int | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+class Processes(NamedTuple):
+    """Where this process stands in a (possibly single-process) data-parallel run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_writer(self) -> bool:
+        """Only rank 0 writes checkpoints, logs, plots and metrics."""
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device, distributed: bool) -> Processes:
+    """Joins the process group that ``torchrun`` describes in the environment when ``distributed``.
+
+    The backend is NCCL on CUDA (each process takes ``cuda:$LOCAL_RANK``) and Gloo on CPU; the rendezvous
+    (``MASTER_ADDR``/``MASTER_PORT`` or torchrun's ``--rdzv-endpoint``) comes from torchrun, so the same
+    command scales from one machine to several.
+    """
+    if not distributed:
+        return Processes(0, 1, device)
+    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
+        raise SystemExit("--distributed: start the script with torchrun (e.g. torchrun --nproc_per_node=2 ...)")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -116,12 +154,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
+    """Restores what :func:`rng_state` captured (a checkpoint loaded with ``map_location="cuda"`` included:
+    RNG states must be CPU byte tensors)."""
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: Path, step: int, optimizer: pyro.optim.PyroOptim, **extra: Any) -> None:
@@ -388,6 +427,7 @@ class TrainingGuard:
         log: CSVLog | None = None,
         bar: Any = None,
         resumed: dict[str, Any] | None = None,
+        writer: bool = True,
     ) -> None:
         if args.max_retries < 0:
             raise SystemExit(f"--max-retries must be >= 0, got {args.max_retries}")
@@ -397,6 +437,7 @@ class TrainingGuard:
         self.module = module
         self.log = log
         self.bar = bar
+        self.writer = writer
         self.policy = args.on_nan
         self.max_retries = args.max_retries
         self.retries = 0
@@ -450,7 +491,12 @@ class TrainingGuard:
         return {"retries": self.retries, "seed_offset": self.seed_offset, "lr_scale": self.lr_scale}
 
     def save(self, step: int, **extra: Any) -> None:
-        """Atomically checkpoints the current state (see :func:`save_checkpoint`) with the module's state dict."""
+        """Atomically checkpoints the current state (see :func:`save_checkpoint`) with the module's state dict.
+
+        Only the writer (rank 0 of a data-parallel run, whose replicas hold the same state) writes.
+        """
+        if not self.writer:
+            return
         save_checkpoint(
             self.path,
             step,
