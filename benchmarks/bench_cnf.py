@@ -92,20 +92,23 @@ class Workload:
     log_density: Callable[[Tensor], Tensor]
 
 
+# Module-level functions (not lambdas), so that workloads pickle into spawned CUDA children.
+def sample_8gaussians(n: int, seed: int) -> Tensor:
+    return sample_toy("8gaussians", n, seed=seed)
+
+
+def log_density_8gaussians(x: Tensor) -> Tensor:
+    return toy_log_density("8gaussians", x)
+
+
+def log_density_mixture16(x: Tensor) -> Tensor:
+    return _mixture16().log_prob(x)
+
+
 WORKLOADS = {
-    "toy2d": Workload(
-        "toy2d",
-        2,
-        (64, 64, 64),
-        512,
-        1e-5,
-        1e-5,
-        5.0,
-        lambda n, seed: sample_toy("8gaussians", n, seed=seed),
-        lambda x: toy_log_density("8gaussians", x),
-    ),
+    "toy2d": Workload("toy2d", 2, (64, 64, 64), 512, 1e-5, 1e-5, 5.0, sample_8gaussians, log_density_8gaussians),
     "mixture16": Workload(
-        "mixture16", 16, (128, 128, 128), 512, 1e-5, 1e-5, 6.0, sample_mixture16, lambda x: _mixture16().log_prob(x)
+        "mixture16", 16, (128, 128, 128), 512, 1e-5, 1e-5, 6.0, sample_mixture16, log_density_mixture16
     ),
 }
 
