@@ -275,8 +275,12 @@ def in_paper_units(nats: float, vae: VAE) -> float:
     return nats / (math.prod(vae.input_shape) * math.log(2)) if vae.categorical else nats
 
 
-def subset(x: Tensor, n: int) -> Tensor:
-    return x if n <= 0 else x[:n]
+def subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
+    """``n`` images drawn without replacement with a fixed seed (all if ``n <= 0``): the test file is sorted by
+    digit, so its first images would not be a fair sample."""
+    if n <= 0 or n >= len(x):
+        return x
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
 def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Namespace, device: torch.device):
