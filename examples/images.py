@@ -58,13 +58,10 @@ from common.training import (  # noqa: E402
     evaluation_solver,
     init_distributed,
     load_checkpoint,
+    parse_ints,
     resolve_device,
     write_json,
 )
-
-
-def parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(w) for w in text.split(","))
 
 
 def build_flow(args: argparse.Namespace, shape: tuple[int, int, int]) -> pf.MultiscaleFFJORD:

@@ -38,13 +38,10 @@ from common.training import (  # noqa: E402
     add_evaluation_args,
     evaluation_solver,
     load_checkpoint,
+    parse_ints,
     resolve_device,
     write_json,
 )
-
-
-def parse_hidden(text: str) -> tuple[int, ...]:
-    return tuple(int(w) for w in text.split(","))
 
 
 def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
@@ -239,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--objective", choices=["svi", "ml"], default="svi", help="Pyro SVI or plain ML loss")
-    parser.add_argument("--hidden-dims", type=parse_hidden, default=(64, 64, 64))
+    parser.add_argument("--hidden-dims", type=parse_ints, default=(64, 64, 64))
     parser.add_argument("--num-blocks", type=int, default=1)
     parser.add_argument("--layer", default="concatsquash")
     parser.add_argument("--activation", default="tanh")

@@ -59,6 +59,7 @@ from common.training import (  # noqa: E402
     early_stopping_state,
     evaluation_solver,
     load_checkpoint,
+    parse_ints,
     record_validation,
     resolve_device,
     train_batches,
@@ -492,10 +493,6 @@ def apply_paper_settings(args: argparse.Namespace) -> None:
     args.adjoint = True
 
 
-def parse_hidden(text: str) -> tuple[int, ...]:
-    return tuple(int(w) for w in text.split(","))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
@@ -513,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--patience", type=int, default=35, help="epochs without improvement before stopping")
     parser.add_argument("--z-dim", type=int, default=64)
     parser.add_argument("--rank", type=int, default=None, help="of the amortized weights (default: the paper's)")
-    parser.add_argument("--hidden-dims", type=parse_hidden, default=None, help="CNF widths (default: the paper's)")
+    parser.add_argument("--hidden-dims", type=parse_ints, default=None, help="CNF widths (default: the paper's)")
     parser.add_argument("--num-blocks", type=int, default=None, help="stacked CNFs (default: the paper's)")
     parser.add_argument("--max-width", type=int, default=128, help="cap on the CNF widths (0: none, the paper)")
     parser.add_argument("--max-rank", type=int, default=8, help="cap on the rank (0: none, the paper)")

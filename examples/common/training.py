@@ -50,6 +50,11 @@ def add_common_args(
     add_fault_args(parser)
 
 
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"64,64,64"`` -> ``(64, 64, 64)``, for flags of layer widths."""
+    return tuple(int(w) for w in text.split(","))
+
+
 def add_evaluation_args(parser: argparse.ArgumentParser, tol: float, max_steps: int, divergence: str = "exact") -> None:
     """Flags of the solver behind every reported number (adaptive; exact trace unless ``divergence`` says
     otherwise, e.g. for images, where D vector-Jacobian products per evaluation are too many)."""
