@@ -240,10 +240,13 @@ def log_weights(vae: VAE, x: Tensor, num_particles: int) -> Tensor:
     with pyro.plate("particles", num_particles, dim=-2):
         guide = poutine.trace(vae.guide).get_trace(x)
         model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x)
-    log_p = model.nodes["x"]["fn"].log_prob(model.nodes["x"]["value"]) + model.nodes["z"]["fn"].log_prob(
-        model.nodes["z"]["value"]
-    )
-    return log_p - guide.nodes["z"]["fn"].log_prob(guide.nodes["z"]["value"])
+    return _log_prob(model, "x") + _log_prob(model, "z") - _log_prob(guide, "z")
+
+
+def _log_prob(trace: poutine.Trace, name: str) -> Tensor:
+    """Unscaled log-density of a sample site at its value, with its batch shape."""
+    site = trace.nodes[name]
+    return site["fn"].log_prob(site["value"])
 
 
 @torch.no_grad()
@@ -304,8 +307,6 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         with evaluation_solver(vae, args) if cnfs else contextlib.nullcontext():
             return evaluate(vae, test, num_samples, args.eval_batch_size, args.is_chunk)
 
-    untrained = test_metrics(1)  # the -ELBO of the initialization, the baseline any training must beat
-
     optimizer = pyro.optim.Adamax({"lr": args.lr, "eps": 1e-7})
     svi = SVI(vae.model, vae.guide, optimizer, Trace_ELBO())
     steps_per_epoch = max(len(train) // args.batch_size, 1)
@@ -318,6 +319,8 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         saved = load_checkpoint(checkpoint, optimizer, device)
         pyro.module("vae", vae, update_module_params=True)
         start, state = saved["step"], saved["state"]
+    else:  # the -ELBO of the initialization, the baseline any training must beat; kept in the checkpoints
+        state["untrained_neg_elbo"] = test_metrics(1)["neg_elbo"]
     log = CSVLog(
         run_dir / "log.csv", ["step", "epoch", "beta", "loss", "val_neg_elbo", "nfe", "seconds"], start or None
     )
@@ -363,7 +366,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     result = test_metrics(args.is_samples)
     metrics = {
         **{f"test_{k}": v for k, v in result.items()},
-        "untrained_test_neg_elbo": untrained["neg_elbo"],
+        "untrained_test_neg_elbo": state["untrained_neg_elbo"],
         "units": "bits/dim" if vae.categorical else "nats",
         "test_neg_elbo_paper_units": in_paper_units(result["neg_elbo"], vae),
         "test_nll_paper_units": in_paper_units(result["nll"], vae),
