@@ -24,7 +24,7 @@ from torch.distributions import Transform
 from torch.nn import functional as F
 
 from .dynamics import NFE, SOLVER_SETTINGS, ContinuousFlow
-from .nets import _DERIVATIVES, ACTIVATIONS, check_choice
+from .nets import _ACTIVATION_JVPS, ACTIVATIONS, check_choice
 from .transforms import _check_option_names, _check_tensor, _CNFTransform
 
 
@@ -58,10 +58,12 @@ class ConcatSquashConv2d(nn.Module):
 
     def forward_and_jvp(self, t: Tensor, x: Tensor, tangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The output and the tangents ``(N k, C, H, W)`` pushed through the layer (if given)."""
+        # the gate is the same for the whole batch: folded into the kernel and bias once per evaluation
         tt = t.to(x).reshape(1, 1)
-        gate = torch.sigmoid(self.gate(tt)).reshape(1, -1, 1, 1)
-        out = self.conv(x) * gate + self.shift(tt).reshape(1, -1, 1, 1)
-        return out, None if tangents is None else F.conv2d(tangents, self.conv.weight, padding=1) * gate
+        gate = torch.sigmoid(self.gate(tt)).reshape(-1)
+        weight = self.conv.weight * gate.reshape(-1, 1, 1, 1)
+        out = F.conv2d(x, weight, torch.addcmul(self.shift(tt).reshape(-1), self.conv.bias, gate), padding=1)
+        return out, None if tangents is None else F.conv2d(tangents, weight, padding=1)
 
 
 CONV_LAYERS: dict[str, type[nn.Module]] = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d}
@@ -116,7 +118,7 @@ class ConvODENet(nn.Module):
         widths = (self.input_shape[0], *hidden_channels, self.input_shape[0])
         self.layers = nn.ModuleList(CONV_LAYERS[layer](c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:]))
         self.activation = ACTIVATIONS[activation]()
-        self._derivative = _DERIVATIVES[activation]
+        self._activation_jvp = _ACTIVATION_JVPS[activation]
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         h = z.reshape(-1, *self.input_shape)
@@ -145,7 +147,7 @@ class ConvODENet(nn.Module):
             pre, v = layer.forward_and_jvp(t, h, v)
             if i < len(self.layers) - 1:
                 h = self.activation(pre)
-                v = (v.unflatten(0, (n, k)) * self._derivative(pre, h).unsqueeze(1)).flatten(0, 1)
+                v = self._activation_jvp(v.unflatten(0, (n, k)), pre.unsqueeze(1), h.unsqueeze(1)).flatten(0, 1)
             else:
                 h = pre
         return h.reshape(z.shape), v.reshape(n, k, -1)

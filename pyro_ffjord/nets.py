@@ -23,40 +23,36 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def _tanh_derivative(pre: Tensor, out: Tensor) -> Tensor:
-    return 1 - out * out
+def _tanh_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.aten.tanh_backward(tangents, out)
 
 
-def _softplus_derivative(pre: Tensor, out: Tensor) -> Tensor:
-    return torch.sigmoid(pre).where(pre <= 20, 1.0)  # nn.Softplus is linear above its threshold 20
+def _softplus_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.aten.softplus_backward(tangents, pre, 1.0, 20.0)  # nn.Softplus's beta and threshold
 
 
-def _elu_derivative(pre: Tensor, out: Tensor) -> Tensor:
-    return torch.where(pre > 0, 1.0, out + 1)
+def _elu_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
+    return torch.ops.aten.elu_backward(tangents, 1.0, 1, 1, False, pre)  # nn.ELU's alpha
 
 
-def _silu_derivative(pre: Tensor, out: Tensor) -> Tensor:
-    return torch.sigmoid(pre) * (1 + pre - out)
+def _silu_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
+    return tangents * (torch.sigmoid(pre) * (1 + pre - out))  # aten's silu_backward has no derivative
 
 
-# sigma'(pre), given pre and out = sigma(pre), for forward-mode Jacobians; module-level so nets pickle
-_DERIVATIVES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "tanh": _tanh_derivative,
-    "softplus": _softplus_derivative,
-    "elu": _elu_derivative,
-    "silu": _silu_derivative,
-    "swish": _silu_derivative,
+# sigma'(pre) * tangents, given pre and out = sigma(pre), for forward-mode Jacobians. aten's
+# activation-backward kernels do it in one differentiable op; module-level so that nets pickle.
+_ACTIVATION_JVPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "tanh": _tanh_jvp,
+    "softplus": _softplus_jvp,
+    "elu": _elu_jvp,
+    "silu": _silu_jvp,
+    "swish": _silu_jvp,
 }
 
 
-def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
-    """The time and the context as one ``(N, 1 + C)`` input; without context, a single ``(1, 1)`` row.
-
-    Without context the conditioning is the same for the whole batch, so it is computed once and
-    broadcast rather than repeated N times.
-    """
-    tt = t.to(x).reshape(1, 1)
-    return tt if context is None else torch.cat([tt.expand(x.shape[:-1] + (1,)), context], dim=-1)
+def _conditioner(t: Tensor, x: Tensor, context: Tensor) -> Tensor:
+    """The time and the context as one ``(N, 1 + C)`` input."""
+    return torch.cat([t.to(x).reshape(1, 1).expand(x.shape[:-1] + (1,)), context], dim=-1)
 
 
 def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
@@ -64,7 +60,40 @@ def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
     return weight.t().unsqueeze(0) if tangents is None else F.linear(tangents, weight)
 
 
-class ConcatSquashLinear(nn.Module):
+class _ConditionedLinear(nn.Module):
+    """A linear layer whose map depends on the time (and, per sample, on the context).
+
+    Without context the map is the same for the whole batch, so :meth:`affine` folds the time
+    conditioning into one weight and bias per evaluation: one ``addmm`` per layer and none of the
+    per-sample gating, for the output and for the tangents alike.
+    """
+
+    linear: nn.Linear
+
+    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer's weight ``(out, in)`` and bias ``(out,)`` at time ``t``, without context."""
+        raise NotImplementedError
+
+    def conditioned(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward_and_jvp` with a per-sample context ``(N, C)``."""
+        raise NotImplementedError
+
+    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
+
+    def forward_and_jvp(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`)."""
+        if context is not None:
+            return self.conditioned(t, x, tangents, context, jvp)
+        weight, bias = self.affine(t.to(x))
+        return F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
+
+
+class ConcatSquashLinear(_ConditionedLinear):
     r"""Linear layer gated and shifted by the time and context.
 
     .. math:: h = (W x + b) \odot \sigma(A [t, c] + a) + B [t, c]
@@ -76,20 +105,23 @@ class ConcatSquashLinear(nn.Module):
         self.gate = nn.Linear(1 + context_dim, out_features)
         self.shift = nn.Linear(1 + context_dim, out_features, bias=False)
 
-    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
+    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        tt = t.reshape(1, 1)
+        gate = torch.sigmoid(self.gate(tt)).reshape(-1)
+        return self.linear.weight * gate.unsqueeze(-1), torch.addcmul(
+            self.shift(tt).reshape(-1), self.linear.bias, gate
+        )
 
-    def forward_and_jvp(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
+    def conditioned(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`)."""
         c = _conditioner(t, x, context)
         gate = torch.sigmoid(self.gate(c))
         out = self.linear(x) * gate + self.shift(c)
         return out, _apply_weight(self.linear.weight, tangents) * gate.unsqueeze(-2) if jvp else None
 
 
-class SquashLinear(nn.Module):
+class SquashLinear(_ConditionedLinear):
     r"""Linear layer gated by the time and context: :math:`h = (W x + b) \odot \sigma(A [t, c] + a)`."""
 
     def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
@@ -97,51 +129,53 @@ class SquashLinear(nn.Module):
         self.linear = nn.Linear(in_features, out_features)
         self.gate = nn.Linear(1 + context_dim, out_features)
 
-    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
+    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        gate = torch.sigmoid(self.gate(t.reshape(1, 1))).reshape(-1)
+        return self.linear.weight * gate.unsqueeze(-1), self.linear.bias * gate
 
-    def forward_and_jvp(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
+    def conditioned(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward."""
         gate = torch.sigmoid(self.gate(_conditioner(t, x, context)))
         out = self.linear(x) * gate
         return out, _apply_weight(self.linear.weight, tangents) * gate.unsqueeze(-2) if jvp else None
 
 
-class ConcatLinear(nn.Module):
+class ConcatLinear(_ConditionedLinear):
     r"""Linear layer on the concatenation of input, time and context: :math:`h = W [x, t, c] + b`."""
 
     def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
         super().__init__()
+        self.in_features = in_features
         self.linear = nn.Linear(in_features + 1 + context_dim, out_features)
 
-    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        c = _conditioner(t, x, context)
-        return self.linear(torch.cat([x, c.expand(x.shape[:-1] + c.shape[-1:])], dim=-1))
+    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        weight = self.linear.weight
+        return weight[:, : self.in_features], self.linear.bias + weight[:, self.in_features] * t
 
-    def forward_and_jvp(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The output and the tangents ``(N, k, in)`` pushed forward."""
-        return self(t, x, context), _apply_weight(self.linear.weight[:, : x.shape[-1]], tangents)
+    def conditioned(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        out = self.linear(torch.cat([x, _conditioner(t, x, context)], dim=-1))
+        return out, _apply_weight(self.linear.weight[:, : self.in_features], tangents) if jvp else None
 
 
-class IgnoreLinear(nn.Module):
+class IgnoreLinear(_ConditionedLinear):
     r"""Autonomous linear layer (time is ignored): :math:`h = W [x, c] + b`."""
 
     def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
         super().__init__()
+        self.in_features = in_features
         self.linear = nn.Linear(in_features + context_dim, out_features)
 
-    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-        return self.linear(x if context is None else torch.cat([x, context], dim=-1))
+    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.linear.weight, self.linear.bias
 
-    def forward_and_jvp(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The output and the tangents ``(N, k, in)`` pushed forward."""
-        return self(t, x, context), _apply_weight(self.linear.weight[:, : x.shape[-1]], tangents)
+    def conditioned(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        out = self.linear(torch.cat([x, context], dim=-1))
+        return out, _apply_weight(self.linear.weight[:, : self.in_features], tangents) if jvp else None
 
 
 LAYERS: dict[str, type[nn.Module]] = {
@@ -201,7 +235,7 @@ class ODENet(nn.Module):
             LAYERS[layer](w_in, w_out, context_dim) for w_in, w_out in zip(widths[:-1], widths[1:])
         )
         self.activation = ACTIVATIONS[activation]()
-        self._derivative = _DERIVATIVES[activation]
+        self._activation_jvp = _ACTIVATION_JVPS[activation]
 
     def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
         h = z
@@ -235,7 +269,7 @@ class ODENet(nn.Module):
             pre, jvp = self._layer(i, t, h, jvp, context, jvp=True)
             if i < len(self.layers) - 1:
                 h = self.activation(pre)
-                jvp = jvp * self._derivative(pre, h).unsqueeze(-2)
+                jvp = self._activation_jvp(jvp, pre.unsqueeze(-2), h.unsqueeze(-2))
             else:
                 h = pre
         return h, jvp.expand(z.shape[0], *jvp.shape[1:])
