@@ -293,6 +293,24 @@ def test_regularization_zero_when_off_and_trains_when_on():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in r.parameters())
 
 
+def test_regularizer_states_do_not_set_the_adaptive_step_size():
+    """The RNODE integrals ride along in the state but stay out of the step-error norm: the solve takes
+    the same steps with and without them (same weights, same noise), and its log-density is unchanged."""
+    x = torch.randn(64, 2) * 2
+    results = []
+    for regularization in (None, {"kinetic": 1.0, "jacobian": 1.0}):
+        torch.manual_seed(0)
+        flow = pf.ffjord(2, hidden_dims=(32, 32), regularization=regularization, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            flow.flow.net.layers[0].linear.weight.mul_(3)  # stiffer dynamics: more steps
+        torch.manual_seed(1)
+        _, logdet = flow.flow(x)
+        results.append((flow.nfe.forward, logdet))
+    (nfe, logdet), (nfe_regularized, logdet_regularized) = results
+    assert nfe > 8 and nfe_regularized == nfe
+    assert torch.equal(logdet_regularized, logdet)
+
+
 def test_pyro_module_registration_and_svi_density_fit():
     """Maximum likelihood through pyro.sample(obs=...) moves the flow towards the data."""
     t = pf.ffjord(2, hidden_dims=(16, 16), adjoint=False, **FAST)
