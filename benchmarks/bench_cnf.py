@@ -4,8 +4,10 @@ Every contender sees the same data, network size, solver and tolerances in one p
 (each contender runs in its own child process so that its peak memory can be measured):
 
 * ``pf_hutchinson`` / ``pf_exact``: pyro_ffjord, dopri5 at the workload's tolerance, adjoint;
-* ``pf_fast``: pyro_ffjord in its fastest training configuration (Hutchinson, fixed-grid rk4
-  with 8 steps over [0, T], no adjoint), evaluated with the same adaptive exact solve as the others;
+* ``pf_rnode``: as ``pf_hutchinson`` with the RNODE penalties (kinetic energy and Jacobian norm,
+  0.01 each), which keep the learned dynamics easy to integrate (fewer steps at equal tolerance);
+* ``pf_fast``: pyro_ffjord in the toy example's training configuration (fixed-grid rk4 with steps of
+  T/4, learned T, exact trace, no adjoint), evaluated with the same adaptive exact solve as the others;
 * ``reference``: a minimal FFJORD written here after the design of rtqichen/ffjord (concatsquash
   tanh layers, augmented state ``(z, logp)``, ``torchdiffeq.odeint_adjoint``, Rademacher
   vector-Jacobian trace with ``create_graph=True`` always, noise drawn once per solve);
@@ -50,7 +52,9 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.toy import sample_toy, toy_log_density
 
 T_END = 0.5  # integration time of every CNF but zuko's, whose time is fixed to [0, 1]
-FAST_STEPS = 8  # rk4 steps over [0, T] in pf_fast
+FAST_STEPS = 4  # rk4 steps over [0, T_END] in pf_fast (more once its learned T grows)
+MEMORY_STEPS = 8  # rk4 steps per T_END in the adjoint-memory measurement
+RNODE = {"kinetic": 0.01, "jacobian": 0.01}
 EVAL_CHUNK = 2048
 
 
@@ -234,6 +238,10 @@ class Contender:
         """Function evaluations (forward, backward) of the last solve; None where not applicable."""
         return None, None
 
+    def penalty(self) -> Tensor | float:
+        """Regularization added to the training loss after :meth:`log_prob` (0 for none)."""
+        return 0.0
+
 
 def _standard_normal(dim: int, like: Tensor) -> dist.Distribution:
     return dist.Normal(like.new_zeros(dim), 1.0).to_event(1)
@@ -257,6 +265,9 @@ class PyroFFJORD(Contender):
 
     def nfe(self) -> tuple[int | None, int | None]:
         return tuple(self.module.nfe)
+
+    def penalty(self) -> Tensor | float:
+        return self.module.regularization_loss()
 
 
 class Reference(Contender):
@@ -346,7 +357,8 @@ class PyroDiscrete(Contender):
 CONTENDERS: dict[str, str] = {
     "pf_hutchinson": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint",
     "pf_exact": "(a) pyro_ffjord, exact trace, dopri5, adjoint",
-    "pf_fast": f"(a) pyro_ffjord, rk4 x{FAST_STEPS}, no adjoint (best config)",
+    "pf_rnode": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint, RNODE 0.01",
+    "pf_fast": f"(a) pyro_ffjord, rk4 x{FAST_STEPS}, exact, learned T, no adjoint (toy config)",
     "reference": "(b) reference-style FFJORD, Hutchinson, dopri5, adjoint",
     "zuko": "(c) zuko.flows.CNF, Hutchinson, dopri5, ACA adjoint",
     "spline_coupling": "(d) Pyro spline_coupling x4",
@@ -361,8 +373,12 @@ def build(name: str, w: Workload, device: torch.device, seed: int) -> Contender:
         model = PyroFFJORD(w)
     elif name == "pf_exact":
         model = PyroFFJORD(w, divergence="exact")
+    elif name == "pf_rnode":
+        model = PyroFFJORD(w, regularization=RNODE)
     elif name == "pf_fast":
-        model = PyroFFJORD(w, method="rk4", options={"step_size": T_END / FAST_STEPS}, adjoint=False)
+        model = PyroFFJORD(
+            w, method="rk4", options={"step_size": T_END / FAST_STEPS}, divergence="exact", train_T=True, adjoint=False
+        )
     elif name == "reference":
         model = Reference(w)
     elif name == "zuko":
@@ -409,12 +425,12 @@ class PeakMemory:
 
 
 def train_step(model: Contender, optimizer: torch.optim.Optimizer, x: Tensor) -> float:
-    """One maximum-likelihood step; returns the mean training NLL."""
-    loss = -model.log_prob(x).mean()
+    """One maximum-likelihood step (plus the contender's penalty); returns the mean training NLL."""
+    nll = -model.log_prob(x).mean()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (nll + model.penalty()).backward()
     optimizer.step()
-    return loss.item()
+    return nll.item()
 
 
 def batch(w: Workload, n: int, seed: int, device: torch.device) -> Tensor:
@@ -526,7 +542,7 @@ def measure_adjoint_memory(w: Workload, T: float, adjoint: bool, args: argparse.
     """
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = PyroFFJORD(w, T=T, method="rk4", options={"step_size": T_END / FAST_STEPS}, adjoint=adjoint)
+    model = PyroFFJORD(w, T=T, method="rk4", options={"step_size": T_END / MEMORY_STEPS}, adjoint=adjoint)
     model.module.to(device)
     optimizer = torch.optim.Adam(model.module.parameters(), lr=args.lr)
     train_step(model, optimizer, batch(w, 4, args.seed - 1, device))
@@ -564,7 +580,7 @@ def in_child(args: argparse.Namespace, fn: Callable[..., dict[str, Any]], *fn_ar
 
 def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
     """Adds ratios to the reference: time and memory as quotients, NLL as a difference (nats)."""
-    ref = rows["reference"]
+    ref = rows.get("reference", {"error": "not run"})
     for row in rows.values():
         if "error" in row or "error" in ref:
             continue
@@ -618,7 +634,7 @@ def print_report(results: dict[str, Any]) -> None:
                 f"({r['exact_nfe']}) | {r['exact_over_hutchinson']:.2f} | {r['per_nfe_ratio']:.2f} |"
             )
     if "adjoint_memory" in results:
-        print(f"\n### peak memory of one pyro_ffjord training step vs T (D=16, rk4, step {T_END / FAST_STEPS})\n")
+        print(f"\n### peak memory of one pyro_ffjord training step vs T (D=16, rk4, step {T_END / MEMORY_STEPS})\n")
         print("| T | adjoint | peak MiB | NFE fwd/bwd |")
         print("| --- | --- | --- | --- |")
         for r in results["adjoint_memory"]:
@@ -635,21 +651,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.workloads:
         w = WORKLOADS[name]
         rows = {}
-        for contender in CONTENDERS:
+        for contender in args.contenders:
             print(f"[{name}] {contender} ...", flush=True)
             rows[contender] = in_child(args, measure_contender, contender, w, args)
         add_ratios(rows)
         true_nll = -w.log_density(w.sample(args.num_test, 10**9 + args.seed)).mean().item()
         results["workloads"][name] = {"workload": _describe(w), "true_nll": true_nll, "contenders": rows}
-    tabular = WORKLOADS["mixture16"]
-    print("[extra] exact vs Hutchinson evaluation at D=16 ...", flush=True)
-    results["exact_vs_hutchinson"] = in_child(args, measure_exact_cost, tabular, args)
-    print("[extra] adjoint memory vs T ...", flush=True)
-    results["adjoint_memory"] = [
-        in_child(args, measure_adjoint_memory, tabular, T, adjoint, args)
-        for adjoint in (True, False)
-        for T in (0.5, 1.0, 2.0)
-    ]
+    if not args.no_extras:
+        tabular = WORKLOADS["mixture16"]
+        print("[extra] exact vs Hutchinson evaluation at D=16 ...", flush=True)
+        results["exact_vs_hutchinson"] = in_child(args, measure_exact_cost, tabular, args)
+        print("[extra] adjoint memory vs T ...", flush=True)
+        results["adjoint_memory"] = [
+            in_child(args, measure_adjoint_memory, tabular, T, adjoint, args)
+            for adjoint in (True, False)
+            for T in (0.5, 1.0, 2.0)
+        ]
     print_report(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -670,10 +687,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="outputs/bench_cnf.json", help="JSON results")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument(
+        "--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS), help="(ratios need 'reference')"
+    )
+    parser.add_argument("--no-extras", action="store_true", help="skip the exact-cost and memory measurements")
     parser.add_argument("--timing-iters", type=int, default=5, help="timed training steps from the initialization")
     parser.add_argument("--batch-size", type=int, default=0, help="override the workloads' batch size (512)")
     parser.add_argument("--num-test", type=int, default=4096, help="test points for the NLL")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed over the budget)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=1e-2,
+        help="Adam learning rate of every contender, cosine-decayed over the budget (on toy2d the best of "
+        "3e-3, 5e-3, 1e-2, 2e-2 for both pf_fast and spline_coupling)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

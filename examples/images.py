@@ -32,7 +32,6 @@ import argparse
 import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import pyro
@@ -51,7 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
     Processes,
-    Rollback,
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
@@ -215,12 +213,12 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
         }
     )
     pyro.module("flow", flow)
-    start, losses, state = 0, [], None
+    start, saved, state = 0, None, {"losses": [], "stopped": False, "seconds": 0.0}
     checkpoint = out / "checkpoint.pt"
     if args.resume:
-        state = load_checkpoint(checkpoint, scheduler, device)
+        saved = load_checkpoint(checkpoint, scheduler, device)
         pyro.module("flow", flow, update_module_params=True)  # the module now holds the restored tensors
-        start, losses = state["step"], state["losses"]
+        start, state = saved["step"], saved["state"]
     params = list(flow.parameters())
     objective = NegativeELBO(flow)
     if args.distributed:  # after the resume: DDP holds on to the parameter tensors it is given
@@ -230,46 +228,35 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
         fields = ["step", "loss", "bits_per_dim", "nfe_forward", "seconds"]
         log = CSVLog(out / "log.csv", fields, start if args.resume else None)
 
-    last_nll = {}
-
-    def train_step(x: Tensor) -> float:
+    def train_step(step: int, state: dict) -> float:
+        seed = batch_seed(guard.data_seed, step, procs)
+        x = training_batch(train, args.batch_size, seed, device)
+        torch.manual_seed(seed)  # the Hutchinson noise of this step
         loss, nll = objective(x)
         loss.backward()  # under DDP, the gradients are averaged over the processes here
         scheduler(params)
         for p in params:
             p.grad = None
-        last_nll["value"] = nll.item()
+        state["losses"].append(pf.bits_per_dim(-nll.detach(), num_dims).item())
+        scheduler.step()
         return loss.item()
 
-    started = time.time()
+    def report(step: int, loss: float, state: dict) -> None:
+        bpd, nfe = state["losses"][-1], flow.nfe.forward
+        bar.set_postfix(bpd=f"{bpd:.3f}", nfe=nfe)
+        bar.update()
+        if log is not None:
+            seconds = round(state["seconds"], 2)
+            log.write(step=step, loss=loss, bits_per_dim=bpd, nfe_forward=nfe, seconds=seconds)
+
     bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or not procs.is_writer)
-    step = start
-    guard = TrainingGuard(args, checkpoint, scheduler, flow, log=log, bar=bar, resumed=state, writer=procs.is_writer)
+    guard = TrainingGuard(args, checkpoint, scheduler, flow, log=log, bar=bar, resumed=saved, writer=procs.is_writer)
     with guard:
-        while step < args.num_steps:
-            seed = batch_seed(guard.data_seed, step, procs)
-            x = training_batch(train, args.batch_size, seed, device)
-            torch.manual_seed(seed)  # the Hutchinson noise of this step
-            outcome = guard.run(step, partial(train_step, x), losses=losses)
-            if isinstance(outcome, Rollback):  # a recovered solver fault or NaN
-                step, losses = outcome.step, outcome.extra["losses"]
-                continue
-            bpd = pf.bits_per_dim(torch.tensor(-last_nll["value"]), num_dims).item()
-            losses.append(bpd)
-            nfe = flow.nfe.forward
-            bar.set_postfix(bpd=f"{bpd:.3f}", nfe=nfe)
-            bar.update()
-            if log is not None:
-                log.write(
-                    step=step, loss=outcome, bits_per_dim=bpd, nfe_forward=nfe, seconds=round(time.time() - started, 2)
-                )
-            scheduler.step()
-            step += 1
-            if step % args.checkpoint_every == 0 or step == args.num_steps:
-                guard.save(step, losses=losses)
-            guard.exit_if_interrupted(step, losses=losses)
+        state = guard.run_steps(
+            state, start, args.num_steps, train_step, report, lambda step: step % args.checkpoint_every == 0
+        )
     bar.close()
-    train_seconds = time.time() - started
+    train_seconds = state["seconds"]
 
     with evaluation_solver(flow, args):
         eval_started = time.time()

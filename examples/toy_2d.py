@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from functools import partial
 from pathlib import Path
 
 import pyro
@@ -32,7 +30,6 @@ from pyro_ffjord.datasets.toy import TOY_DATASETS, sample_toy, toy_log_density
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
     CSVLog,
-    Rollback,
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
@@ -171,42 +168,36 @@ def main(args: argparse.Namespace) -> dict:
         }
     )
     svi = SVI(model, guide, scheduler, Trace_ELBO())
-    start, losses, state = 0, [], None
+    start, saved, state = 0, None, {"losses": [], "stopped": False, "seconds": 0.0}
     checkpoint = out / "checkpoint.pt"
     pyro.module("flow", flow)  # both objectives keep the parameters in Pyro's param store
     if args.resume:
-        state = load_checkpoint(checkpoint, scheduler, device)
+        saved = load_checkpoint(checkpoint, scheduler, device)
         pyro.module("flow", flow, update_module_params=True)
-        start, losses = state["step"], state["losses"]
+        start, state = saved["step"], saved["state"]
     log = CSVLog(out / "log.csv", ["step", "loss", "nfe_forward", "T", "seconds"], start if args.resume else None)
 
-    def train_step(x: torch.Tensor) -> float:
-        return (svi.step(x, flow) if args.objective == "svi" else ml_step(x, flow, scheduler)) / len(x)
+    def train_step(step: int, state: dict) -> float:
+        x = sample_toy(args.data, args.batch_size, seed=guard.data_seed * 1_000_003 + step).float().to(device)
+        loss = (svi.step(x, flow) if args.objective == "svi" else ml_step(x, flow, scheduler)) / len(x)
+        state["losses"].append(loss)
+        scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
+        return loss
 
-    started = time.time()
+    def report(step: int, loss: float, state: dict) -> None:
+        nfe, T = flow.parts[0].nfe.forward, flow.parts[0].T.item()
+        bar.set_postfix(nll=f"{loss:.3f}", nfe=nfe, T=f"{T:.3f}")
+        bar.update()
+        log.write(step=step, loss=loss, nfe_forward=nfe, T=T, seconds=round(state["seconds"], 2))
+
     bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress)
-    step = start
-    with TrainingGuard(args, checkpoint, scheduler, flow, log=log, bar=bar, resumed=state) as guard:
-        while step < args.num_steps:
-            seed = guard.data_seed * 1_000_003 + step
-            x = sample_toy(args.data, args.batch_size, seed=seed).float().to(device)
-            outcome = guard.run(step, partial(train_step, x), losses=losses)
-            if isinstance(outcome, Rollback):  # a recovered solver fault or NaN
-                step, losses = outcome.step, outcome.extra["losses"]
-                continue
-            loss = outcome
-            losses.append(loss)
-            nfe, T = flow.parts[0].nfe.forward, flow.parts[0].T.item()
-            bar.set_postfix(nll=f"{loss:.3f}", nfe=nfe, T=f"{T:.3f}")
-            bar.update()
-            log.write(step=step, loss=loss, nfe_forward=nfe, T=T, seconds=round(time.time() - started, 2))
-            scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
-            step += 1
-            if step % args.checkpoint_every == 0 or step == args.num_steps:
-                guard.save(step, losses=losses)
-            guard.exit_if_interrupted(step, losses=losses)
+    with TrainingGuard(args, checkpoint, scheduler, flow, log=log, bar=bar, resumed=saved) as guard:
+        state = guard.run_steps(
+            state, start, args.num_steps, train_step, report, lambda step: step % args.checkpoint_every == 0
+        )
     bar.close()
-    train_seconds = time.time() - started
+    losses = state["losses"]
+    train_seconds = state["seconds"]
 
     with evaluation_solver(flow, args):
         nll, se = test_nll(flow, test, args.eval_batch_size)

@@ -57,7 +57,8 @@ def _conditioner(t: Tensor, x: Tensor, context: Tensor) -> Tensor:
 
 def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
     """The linear map ``weight`` applied to tangents ``(N, k, in)``; ``None`` stands for the identity."""
-    return weight.t().unsqueeze(0) if tangents is None else F.linear(tangents, weight)
+    # made contiguous so that the (N, D, out) tangents it spawns are, and fold into one matrix product
+    return weight.t().contiguous().unsqueeze(0) if tangents is None else F.linear(tangents, weight)
 
 
 class _ConditionedLinear(nn.Module):

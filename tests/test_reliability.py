@@ -62,7 +62,7 @@ def test_toy_budget_fault_stops_with_a_clear_message_and_a_good_checkpoint(tmp_p
         assert part in message
     assert "--on-nan reduce-lr" in message and "--resume" in message and str(tmp_path) in message
     state = load_finite_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["step"] == 0 and state["losses"] == []
+    assert state["step"] == 0 and state["state"]["losses"] == []
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -71,7 +71,7 @@ def test_toy_diverging_lr_keeps_the_state_before_the_failing_step(tmp_path):
     assert result.returncode == 1
     assert "step 1 failed" in error_paragraph(result.stderr)
     state = load_finite_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["step"] == 1 and len(state["losses"]) == 1 and math.isfinite(state["losses"][0])
+    assert state["step"] == 1 and len(state["state"]["losses"]) == 1 and math.isfinite(state["state"]["losses"][0])
 
 
 def test_toy_reduce_lr_recovers_and_completes(tmp_path):
@@ -85,7 +85,7 @@ def test_toy_reduce_lr_recovers_and_completes(tmp_path):
     assert math.isfinite(metrics["test_nll"])
     state = load_finite_checkpoint(tmp_path / "checkpoint.pt")
     assert state["fault"]["lr_scale"] == 0.5 ** len(recoveries)
-    assert state["step"] == 5 and all(math.isfinite(v) for v in state["losses"])
+    assert state["step"] == 5 and all(math.isfinite(v) for v in state["state"]["losses"])
     steps = [int(line.split(",")[0]) for line in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(5)), "rows of rolled-back steps must be dropped from the log"
 
@@ -139,7 +139,7 @@ def test_toy_sigterm_checkpoints_and_resumes_to_the_same_result(tmp_path):
     assert "Traceback" not in stderr and "interrupted by SIGTERM" in stderr and "--resume" in stderr
     assert not (out / "metrics.json").exists()
     state = load_finite_checkpoint(out / "checkpoint.pt")
-    assert 5 <= state["step"] < 40 and len(state["losses"]) == state["step"]
+    assert 5 <= state["step"] < 40 and len(state["state"]["losses"]) == state["step"]
 
     run("toy_2d.py", [*args, "--out", str(out), "--resume"])
     resumed = json.loads((out / "metrics.json").read_text())
