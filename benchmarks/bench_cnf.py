@@ -6,8 +6,9 @@ Every contender sees the same data, network size, solver and tolerances in one p
 * ``pf_hutchinson`` / ``pf_exact``: pyro_ffjord, dopri5 at the workload's tolerance, adjoint;
 * ``pf_rnode``: as ``pf_hutchinson`` with the RNODE penalties (kinetic energy and Jacobian norm,
   0.01 each), which keep the learned dynamics easy to integrate (fewer steps at equal tolerance);
-* ``pf_fast``: pyro_ffjord in the toy example's training configuration (fixed-grid rk4 with steps of
-  T/4, learned T, exact trace, no adjoint), evaluated with the same adaptive exact solve as the others;
+* ``pf_fast``: pyro_ffjord in the toy example's solver configuration (fixed-grid rk4 with steps of
+  T_END/4 in units of t, so more as the learned T grows; exact trace, no adjoint), evaluated with the
+  same adaptive exact solve as the others;
 * ``reference``: a minimal FFJORD written here after the design of rtqichen/ffjord (concatsquash
   tanh layers, augmented state ``(z, logp)``, ``torchdiffeq.odeint_adjoint``, Rademacher
   vector-Jacobian trace with ``create_graph=True`` always, noise drawn once per solve);

@@ -45,7 +45,10 @@ class ConcatConv2d(nn.Module):
 
 
 class ConcatSquashConv2d(nn.Module):
-    r"""3x3 convolution gated and shifted per channel by the time: :math:`h = (W * x) \odot \sigma(a t + b) + c t`."""
+    r"""3x3 convolution, gated and shifted per channel by the time.
+
+    .. math:: h = (W * x + b) \odot \sigma(a t + c) + d t
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
@@ -131,7 +134,7 @@ class ConvODENet(nn.Module):
     def forward_and_jacobian(self, t: Tensor, z: Tensor, tangents: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""``f(t, z)`` and the Jacobian-vector products :math:`J v_j` of ``tangents`` ``(N, k, D)``.
 
-        The tangents go through the same convolutions (without bias or time channel), scaled by the
+        The tangents go through the same (time-gated) convolutions without bias or time channel, scaled by the
         activation's derivative: one extra batch of k images per image, no autograd (see
         :meth:`~pyro_ffjord.nets.ODENet.forward_and_jacobian`); with one Hutchinson vector this replaces
         the vector-Jacobian product and its double backward in training. ``None`` means the D basis

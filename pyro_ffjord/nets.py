@@ -32,7 +32,7 @@ def _softplus_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
 
 
 def _elu_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
-    return torch.ops.aten.elu_backward(tangents, 1.0, 1, 1, False, pre)  # nn.ELU's alpha
+    return torch.ops.aten.elu_backward(tangents, 1.0, 1, 1, True, out)  # nn.ELU's alpha; from the output
 
 
 def _silu_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
@@ -152,7 +152,7 @@ class ConcatLinear(_ConditionedLinear):
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
         weight = self.linear.weight
-        return weight[:, : self.in_features], self.linear.bias + weight[:, self.in_features] * t
+        return weight[:, : self.in_features], self.linear.bias + weight[:, self.in_features] * t.reshape(())
 
     def conditioned(
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool

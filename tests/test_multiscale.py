@@ -6,10 +6,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
+from torch.nn import functional as F
 
 import pyro_ffjord as pf
 from pyro_ffjord.dynamics import ContinuousFlow
-from pyro_ffjord.multiscale import ConvODENet, LogitTransform, Squeeze
+from pyro_ffjord.multiscale import ConcatSquashConv2d, ConvODENet, LogitTransform, Squeeze
 
 EXACT = dict(divergence="exact", adjoint=False, rtol=1e-9, atol=1e-9)
 FAST = dict(method="rk4", options={"step_size": 0.5})
@@ -200,6 +201,17 @@ def test_empty_batch():
     z = t.inv(x)
     assert z.shape == (0, 1, 4, 4) and t.log_abs_det_jacobian(z, x).shape == (0,)
     assert d.rsample((0,)).shape == (0, 1, 4, 4)
+
+
+def test_conv_gate_folded_into_the_kernel_equals_the_formula(float64):
+    """(W * x + b) sigmoid(a t + c) + d t, with the gate folded into the kernel and bias once per evaluation."""
+    layer = ConcatSquashConv2d(2, 3)
+    t, x, tangents = torch.tensor(0.3), torch.randn(4, 2, 5, 5), torch.randn(4, 2, 5, 5)
+    tt = t.reshape(1, 1)
+    gate = torch.sigmoid(layer.gate(tt)).reshape(1, -1, 1, 1)
+    out, jvp = layer.forward_and_jvp(t, x, tangents)
+    assert torch.allclose(out, layer.conv(x) * gate + layer.shift(tt).reshape(1, -1, 1, 1), atol=1e-12)
+    assert torch.allclose(jvp, F.conv2d(tangents, layer.conv.weight, padding=1) * gate, atol=1e-12)
 
 
 @pytest.mark.parametrize("layer", ["concat", "concatsquash"])

@@ -59,9 +59,26 @@ class _OpaqueNet(nn.Module):
         return self.net(t, z, context)
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_time_folded_layer_equals_its_per_sample_form(float64, layer):
+    """Without context a layer folds its time conditioning into one weight and bias per evaluation; the
+    output and the pushed tangents equal the per-sample form's (the same layer given an empty context)."""
+    module = LAYERS[layer](3, 4)
+    t, x, tangents = torch.tensor(0.3), torch.randn(5, 3), torch.randn(5, 2, 3)
+    folded = module.forward_and_jvp(t, x, tangents)
+    per_sample = module.conditioned(t, x, tangents, x.new_zeros(5, 0), jvp=True)
+    for a, b in zip(folded, per_sample):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
-def test_divergence_and_its_gradients_agree_with_the_autograd_fallback(float64, divergence, grad):
+@pytest.mark.parametrize(
+    "context_dim, activation", [(2, "tanh"), (0, "tanh"), (0, "softplus"), (0, "elu"), (0, "silu")]
+)
+def test_divergence_and_its_gradients_agree_with_the_autograd_fallback(
+    float64, divergence, grad, context_dim, activation
+):
     """Forward-mode (JVP/Jacobian) and autograd (VJP) paths give the same dynamics and gradients.
 
     For Hutchinson, e^T (J e) and (e^T J) e are the same number; only the Jacobian-norm rows differ
@@ -70,10 +87,11 @@ def test_divergence_and_its_gradients_agree_with_the_autograd_fallback(float64, 
     outputs = []
     for wrap in (False, True):
         torch.manual_seed(0)
-        net = pf.ODENet(3, (8, 8), 2)
-        flow = pf.conditional_ffjord(3, 2, hidden_dims=(8, 8), divergence=divergence).flow
+        net = pf.ODENet(3, (8, 8), context_dim, activation=activation)
+        flow = pf.ffjord(3, hidden_dims=(8, 8), divergence=divergence).flow
         flow.net = _OpaqueNet(net) if wrap else net
-        z, context = torch.randn(5, 3, requires_grad=True), torch.randn(5, 2)
+        z = torch.randn(5, 3, requires_grad=True)
+        context = torch.randn(5, context_dim) if context_dim else None
         noise = torch.randn(5, 3) if divergence == "hutchinson" else None
         dynamics = CNFDynamics(flow, flow.T, False, context, noise, regularize=True)
         with torch.set_grad_enabled(grad):

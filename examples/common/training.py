@@ -185,6 +185,8 @@ def load_checkpoint(path: Path, optimizer: pyro.optim.PyroOptim, device: torch.d
     if not path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location=device, weights_only=False)
+    if "state" not in state and "losses" in state:  # the toy and images loops' layout before run_steps
+        state["state"] = {"losses": state.pop("losses"), "stopped": False, "seconds": 0.0}
     pyro.get_param_store().set_state(state["param_store"])
     optimizer.set_state(state["optimizer"])
     set_rng_state(state["rng"])
@@ -411,15 +413,8 @@ class TrainingGuard:
 
     Use it as a context manager (the signal handlers are installed on entry and restored on exit)::
 
-        with TrainingGuard(args, checkpoint, optimizer, flow, log=log, bar=bar) as guard:
-            while step < args.num_steps:
-                outcome = guard.run(step, lambda: train_step(step), losses=losses)
-                if isinstance(outcome, Rollback):
-                    step, losses = outcome.step, outcome.extra["losses"]
-                    continue
-                ...
-                step += 1
-                guard.exit_if_interrupted(step, losses=losses)
+        with TrainingGuard(args, checkpoint, optimizer, flow, log=log, bar=bar, resumed=saved) as guard:
+            state = guard.run_steps(state, start, args.num_steps, train_step, report, checkpoint_due)
     """
 
     def __init__(
@@ -587,7 +582,11 @@ class TrainingGuard:
         report: Callable[[int, float, dict[str, Any]], None],
         checkpoint_due: Callable[[int], bool],
     ) -> dict[str, Any]:
-        """The training loop of an example with early stopping (see :func:`early_stopping_state`).
+        """The training loop of an example.
+
+        ``state`` is what the loop checkpoints: at least ``"stopped"`` (set it to stop early, see
+        :func:`early_stopping_state` and :func:`record_validation`) and ``"seconds"`` (training time,
+        accumulated over resumes), plus whatever ``train_step`` keeps, such as the losses.
 
         Runs ``train_step(step, state)`` through :meth:`run` for steps ``start`` to ``num_steps`` or until
         ``state["stopped"]``, rolling back on recovered faults; after each step calls ``report(step, loss,
