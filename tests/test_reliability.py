@@ -235,3 +235,16 @@ def test_scale_learning_rate_reaches_schedulers_and_pending_states():
         obj.step()  # a LambdaLR recomputes the rate from its base rates
         assert obj.base_lrs == [0.5] and obj.optimizer.param_groups[0]["lr"] == 0.5
     assert scheduler.pt_optim_args["lr"] == 0.5
+
+
+def test_toy_resumes_a_checkpoint_of_the_earlier_layout(tmp_path):
+    """Checkpoints written before the loop state moved under "state" (losses at the top level) still load."""
+    args = [*TOY, "-n", "4", "--out", str(tmp_path)]
+    run("toy_2d.py", args)
+    expected = json.loads((tmp_path / "metrics.json").read_text())
+    path = tmp_path / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["losses"] = checkpoint.pop("state")["losses"]
+    torch.save(checkpoint, path)
+    run("toy_2d.py", [*args, "--resume"])  # nothing left to train: restore, evaluate, plot the losses
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_nll"] == expected["test_nll"]
