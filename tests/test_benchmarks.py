@@ -71,6 +71,21 @@ def test_bench_cnf_smoke(tmp_path):
     assert numbers and all(math.isfinite(n) for n in numbers)
 
 
+def test_bench_cnf_subset_of_contenders_without_extras(tmp_path):
+    """``--contenders`` without the reference: those rows only, no ratios, no extra measurements."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(BENCH), "--workloads", "toy2d", "--budget", "1", "--timing-iters", "1"]
+    command += ["--batch-size", "32", "--num-test", "64", "--contenders", "pf_fast", "spline_coupling"]
+    command += ["--no-extras", "--seed", "3", "--out", str(out)]
+    run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout
+    results = json.loads(out.read_text())
+    rows = results["workloads"]["toy2d"]["contenders"]
+    assert set(rows) == {"pf_fast", "spline_coupling"} and results["config"]["seed"] == 3
+    assert all(math.isfinite(row["test_nll"]) and "sec_per_iter_vs_ref" not in row for row in rows.values())
+    assert "exact_vs_hutchinson" not in results and "adjoint_memory" not in results
+
+
 def test_fixed_T_solve_takes_the_reference_number_of_steps():
     """With a fixed T the adaptive solver sees the same ODE as the reference, hence the same NFE."""
     bench = _load_bench()
