@@ -6,9 +6,8 @@ Every contender sees the same data, network size, solver and tolerances in one p
 * ``pf_hutchinson`` / ``pf_exact``: pyro_ffjord, dopri5 at the workload's tolerance, adjoint;
 * ``pf_rnode``: as ``pf_hutchinson`` with the RNODE penalties (kinetic energy and Jacobian norm,
   0.01 each), which keep the learned dynamics easy to integrate (fewer steps at equal tolerance);
-* ``pf_fast``: pyro_ffjord in its fastest-learning configuration: ``concat`` layers (time as an input
-  of every layer, which learns faster per iteration than concatsquash here), fixed-grid rk4 with
-  steps of T_END/4 in units of t (more as the learned T grows), exact trace at D=2 and Hutchinson's
+* ``pf_fast``: pyro_ffjord in the toy example's solver configuration: fixed-grid rk4 with steps of
+  T_END/4 in units of t (more as the learned T grows), learned T, exact trace at D=2 and Hutchinson's
   above, no adjoint; evaluated with the same adaptive exact solve as the others;
 * ``reference``: a minimal FFJORD written here after the design of rtqichen/ffjord (concatsquash
   tanh layers, augmented state ``(z, logp)``, ``torchdiffeq.odeint_adjoint``, Rademacher
@@ -360,7 +359,7 @@ CONTENDERS: dict[str, str] = {
     "pf_hutchinson": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint",
     "pf_exact": "(a) pyro_ffjord, exact trace, dopri5, adjoint",
     "pf_rnode": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint, RNODE 0.01",
-    "pf_fast": f"(a) pyro_ffjord, concat, rk4 x{FAST_STEPS}, learned T, no adjoint (fastest config)",
+    "pf_fast": f"(a) pyro_ffjord, rk4 x{FAST_STEPS}, learned T, no adjoint (toy config)",
     "reference": "(b) reference-style FFJORD, Hutchinson, dopri5, adjoint",
     "zuko": "(c) zuko.flows.CNF, Hutchinson, dopri5, ACA adjoint",
     "spline_coupling": "(d) Pyro spline_coupling x4",
@@ -380,7 +379,6 @@ def build(name: str, w: Workload, device: torch.device, seed: int) -> Contender:
     elif name == "pf_fast":
         model = PyroFFJORD(
             w,
-            layer="concat",
             method="rk4",
             options={"step_size": T_END / FAST_STEPS},
             divergence="exact" if w.dim <= 2 else "hutchinson",
