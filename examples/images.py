@@ -56,6 +56,7 @@ from common.training import (  # noqa: E402
     evaluation_solver,
     init_distributed,
     load_checkpoint,
+    loop_state,
     parse_ints,
     resolve_device,
     write_json,
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
         }
     )
     pyro.module("flow", flow)
-    start, saved, state = 0, None, {"losses": [], "stopped": False, "seconds": 0.0}
+    start, saved, state = 0, None, loop_state()
     checkpoint = out / "checkpoint.pt"
     if args.resume:
         saved = load_checkpoint(checkpoint, scheduler, device)

@@ -35,6 +35,7 @@ from common.training import (  # noqa: E402
     add_evaluation_args,
     evaluation_solver,
     load_checkpoint,
+    loop_state,
     parse_ints,
     resolve_device,
     write_json,
@@ -168,7 +169,7 @@ def main(args: argparse.Namespace) -> dict:
         }
     )
     svi = SVI(model, guide, scheduler, Trace_ELBO())
-    start, saved, state = 0, None, {"losses": [], "stopped": False, "seconds": 0.0}
+    start, saved, state = 0, None, loop_state()
     checkpoint = out / "checkpoint.pt"
     pyro.module("flow", flow)  # both objectives keep the parameters in Pyro's param store
     if args.resume:

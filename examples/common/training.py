@@ -186,7 +186,7 @@ def load_checkpoint(path: Path, optimizer: pyro.optim.PyroOptim, device: torch.d
         raise SystemExit(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location=device, weights_only=False)
     if "state" not in state and "losses" in state:  # the toy and images loops' layout before run_steps
-        state["state"] = {"losses": state.pop("losses"), "stopped": False, "seconds": 0.0}
+        state["state"] = loop_state(state.pop("losses"))
     pyro.get_param_store().set_state(state["param_store"])
     optimizer.set_state(state["optimizer"])
     set_rng_state(state["rng"])
@@ -345,17 +345,20 @@ def scale_learning_rate(optimizer: pyro.optim.PyroOptim, factor: float) -> None:
         scale_state(state)
 
 
+def loop_state(losses: list[float] | None = None) -> dict[str, Any]:
+    """The state :meth:`TrainingGuard.run_steps` checkpoints: the losses, the stop flag and the training time."""
+    return {"losses": [] if losses is None else losses, "stopped": False, "seconds": 0.0}
+
+
 def early_stopping_state(module: torch.nn.Module) -> dict[str, Any]:
-    """The training state the examples checkpoint: losses, validations and the early-stopping record."""
+    """:func:`loop_state` with validations and the early-stopping record."""
     return {
-        "losses": [],
+        **loop_state(),
         "val": [],
         "best_val": math.inf,
         "best_at": 0,
         "best_module": copy.deepcopy(module.state_dict()),
         "bad_evals": 0,
-        "stopped": False,
-        "seconds": 0.0,
     }
 
 
