@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torchdiffeq._impl.misc import _mixed_norm
 
 from .divergence import (
     DIVERGENCES,
@@ -40,7 +41,7 @@ SOLVER_SETTINGS = ("divergence", "noise", "method", "rtol", "atol", "options", "
 def _density_error_norm(state: tuple[Tensor, ...]) -> Tensor:
     """Step-error norm over ``(z, logdet)`` only: the RNODE integrals are penalties, not outputs whose
     accuracy should set the step size (with them in the norm, adaptive solves take more steps)."""
-    return torch.stack([component.pow(2).mean().sqrt() for component in state[:2]]).max()
+    return _mixed_norm(state[:2])  # torchdiffeq's default norm (max of RMS norms), restricted
 
 
 class NFE(NamedTuple):
