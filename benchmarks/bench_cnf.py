@@ -5,7 +5,8 @@ Every contender sees the same data, network size, solver and tolerances in one p
 
 * ``pf_hutchinson`` / ``pf_exact``: pyro_ffjord, dopri5 at the workload's tolerance, adjoint;
 * ``pf_rnode``: as ``pf_hutchinson`` with the RNODE penalties (kinetic energy and Jacobian norm,
-  0.01 each), which keep the learned dynamics easy to integrate (fewer steps at equal tolerance);
+  ``--rnode`` each, 0.01 by default), which keep the learned dynamics easy to integrate (fewer
+  steps at equal tolerance);
 * ``pf_fast``: pyro_ffjord in the toy example's solver configuration: fixed-grid rk4 with steps of
   T_END/4 in units of t (more as the learned T grows), learned T, exact trace at D=2 and Hutchinson's
   above, no adjoint; evaluated with the same adaptive exact solve as the others;
@@ -55,7 +56,6 @@ from pyro_ffjord.datasets.toy import sample_toy, toy_log_density
 T_END = 0.5  # integration time of every CNF but zuko's, whose time is fixed to [0, 1]
 FAST_STEPS = 4  # rk4 steps over [0, T_END] in pf_fast (more once its learned T grows)
 MEMORY_STEPS = 8  # rk4 steps per T_END in the adjoint-memory measurement
-RNODE = {"kinetic": 0.01, "jacobian": 0.01}
 EVAL_CHUNK = 2048
 
 
@@ -358,7 +358,7 @@ class PyroDiscrete(Contender):
 CONTENDERS: dict[str, str] = {
     "pf_hutchinson": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint",
     "pf_exact": "(a) pyro_ffjord, exact trace, dopri5, adjoint",
-    "pf_rnode": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint, RNODE 0.01",
+    "pf_rnode": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint, RNODE (--rnode)",
     "pf_fast": f"(a) pyro_ffjord, rk4 x{FAST_STEPS}, learned T, no adjoint (toy config)",
     "reference": "(b) reference-style FFJORD, Hutchinson, dopri5, adjoint",
     "zuko": "(c) zuko.flows.CNF, Hutchinson, dopri5, ACA adjoint",
@@ -367,15 +367,15 @@ CONTENDERS: dict[str, str] = {
 }
 
 
-def build(name: str, w: Workload, device: torch.device, seed: int) -> Contender:
-    """Builds contender ``name`` with the weights drawn from ``seed``."""
+def build(name: str, w: Workload, device: torch.device, seed: int, rnode: float = 0.01) -> Contender:
+    """Builds contender ``name`` with the weights drawn from ``seed`` (``rnode``: pf_rnode's penalty weights)."""
     torch.manual_seed(seed)
     if name == "pf_hutchinson":
         model = PyroFFJORD(w)
     elif name == "pf_exact":
         model = PyroFFJORD(w, divergence="exact")
     elif name == "pf_rnode":
-        model = PyroFFJORD(w, regularization=RNODE)
+        model = PyroFFJORD(w, regularization={"kinetic": rnode, "jacobian": rnode})
     elif name == "pf_fast":
         model = PyroFFJORD(
             w,
@@ -463,7 +463,7 @@ def measure_contender(name: str, w: Workload, args: argparse.Namespace) -> dict[
     """Timing, NFE and peak memory from a common initialization, then the fixed-budget NLL race."""
     device = torch.device(args.device)
     batch_size = args.batch_size or w.batch_size
-    model = build(name, w, device, args.seed)
+    model = build(name, w, device, args.seed, args.rnode)
     optimizer = torch.optim.Adam(model.module.parameters(), lr=args.lr)
     train_step(model, optimizer, batch(w, 4, args.seed - 1, device))  # one-time allocations
     seconds, forward, backward = [], [], []
@@ -480,7 +480,7 @@ def measure_contender(name: str, w: Workload, args: argparse.Namespace) -> dict[
                 forward.append(nfe[0])
                 backward.append(nfe[1])
 
-    model = build(name, w, device, args.seed)
+    model = build(name, w, device, args.seed, args.rnode)
     optimizer = torch.optim.Adam(model.module.parameters(), lr=args.lr)
     iters, loss, elapsed, race_forward, race_backward = 0, math.nan, 0.0, [], []
     start = time.perf_counter()
@@ -520,7 +520,7 @@ def measure_exact_cost(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
     x = batch(w, args.batch_size or w.batch_size, args.seed, device)
     results: dict[str, Any] = {}
     for name in ("pf_hutchinson", "reference"):
-        model = build(name, w, device, args.seed)
+        model = build(name, w, device, args.seed, args.rnode)
         row = {}
         for mode, context in (("hutchinson", nullcontext), ("exact", model.evaluation)):
             with torch.no_grad(), context():
@@ -708,6 +708,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "3e-3, 5e-3, 1e-2, 2e-2 for both pf_fast and spline_coupling)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rnode", type=float, default=0.01, help="pf_rnode's kinetic and Jacobian penalty weights")
     return parser.parse_args(argv)
 
 

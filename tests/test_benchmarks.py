@@ -96,3 +96,14 @@ def test_fixed_T_solve_takes_the_reference_number_of_steps():
     ours.log_prob(x).sum().backward()
     reference.log_prob(x).sum().backward()
     assert ours.nfe()[0] == reference.nfe()[0]
+
+
+def test_rnode_flag_sets_the_penalty_weights():
+    """``--rnode w`` reaches pf_rnode's kinetic and Jacobian weights, and its penalty enters the loss."""
+    bench = _load_bench()
+    args = bench.parse_args(["--rnode", "0.1"])
+    w = bench.WORKLOADS["toy2d"]
+    model = bench.build("pf_rnode", w, torch.device("cpu"), 0, args.rnode)
+    assert model.module.flow.regularization == {"kinetic": 0.1, "jacobian": 0.1}
+    model.log_prob(bench.batch(w, 16, 0, torch.device("cpu")))
+    assert model.penalty() > 0
