@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
@@ -15,6 +16,7 @@ from pyro.distributions.transforms import AffineTransform, ComposeTransform
 from pyro.infer.autoguide import AutoNormalizingFlow, init_to_median
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroParam
+from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 
 from .transforms import ffjord
@@ -45,7 +47,9 @@ class AutoFFJORD(AutoNormalizingFlow):
     It is an :class:`~pyro.infer.autoguide.AutoNormalizingFlow`, so it supports vectorized
     particles, plates, every ELBO that ``AutoIAFNormal`` supports, and
     :class:`~pyro.infer.reparam.NeuTraReparam` (use ``divergence="exact"`` there, so that the
-    reparameterized potential is deterministic).
+    reparameterized potential is deterministic). With ``regularization={...}`` the RNODE penalty of
+    each sample's solve enters the loss: the guide adds it to its log-density as a
+    ``pyro.factor``, so every ELBO minimizes it along with the negative ELBO.
 
     Args:
         model: a Pyro model.
@@ -111,3 +115,13 @@ class AutoFFJORD(AutoNormalizingFlow):
         # so that the CNF answers from its own cache instead of solving again.
         affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
         return ComposeTransform([self.transform, affine])
+
+    def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Samples the packed latent; under inference, adds the CNFs' RNODE penalty of that solve as a guide factor."""
+        latent = super().sample_latent(*args, **kwargs)
+        flows = [part.flow for part in self.transform.parts]
+        if am_i_wrapped() and torch.is_grad_enabled() and any(flow.regularization for flow in flows):
+            # A guide's log-density is subtracted from the ELBO, so +penalty here is +penalty in the loss.
+            penalty = sum(flow.regularization_loss() for flow in flows)
+            pyro.factor(f"_{self._pyro_name}_regularization", penalty, has_rsample=True)
+        return latent

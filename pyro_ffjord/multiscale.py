@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 from torch.nn import functional as F
 
-from .dynamics import NFE, SOLVER_SETTINGS, ContinuousFlow
+from .dynamics import NFE, ContinuousFlow
 from .nets import _ACTIVATION_JVPS, ACTIVATIONS, check_choice
 from .transforms import _check_option_names, _check_tensor, _CNFTransform
 
@@ -323,12 +323,11 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         stages = chain.from_iterable(zip(self.pre, [*self.post, []]))
         return [flow for stage in stages for flow in stage]
 
-    def _stamp(self) -> tuple:
-        return (
-            torch.is_grad_enabled(),
-            tuple(repr(getattr(f, name)) for f in self.flows for name in SOLVER_SETTINGS),
-            tuple((id(t), t._version) for t in chain(self.parameters(), self.buffers())),
-        )
+    def _flows(self) -> list[ContinuousFlow]:
+        return self.flows
+
+    def _read(self) -> list[Tensor]:
+        return [*self.parameters(), *self.buffers()]
 
     @staticmethod
     def _integrate(flows: Sequence[ContinuousFlow], h: Tensor, logdet: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:

@@ -8,8 +8,9 @@ T to 0 and ``_inverse`` (data → base) solves from 0 to T, and
 
 Every solve returns its log-determinant, which is cached with the input/output pair so that
 ``log_prob(x)`` and ``log_prob(rsample())`` each cost one solve. The cache is keyed by tensor
-identity *and* by the versions of the parameters, buffers and context, so an optimizer step, a
-``load_state_dict`` or a ``deepcopy`` never gets a stale value back.
+identity *and* by the state of every tensor the solve read (input, output, parameters, buffers,
+context), so an in-place change of the input, an optimizer step, a ``load_state_dict`` or a
+``deepcopy`` never gets a stale value back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
@@ -56,15 +56,41 @@ def _check_tensor(name: str, value: object, size: int, like: Tensor) -> Tensor:
     return value
 
 
+class _TensorState:
+    """The tensors a solve read and their state then, to tell whether a later call may reuse it.
+
+    The state is a tensor's version counter (bumped by every in-place change), or, for inference
+    tensors, which have none, a copy of its values.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = tuple(tensors)
+        self.marks = tuple(t.detach().clone() if t.is_inference() else t._version for t in self.tensors)
+
+    def unchanged(self, tensors: Sequence[Tensor]) -> bool:
+        """Whether ``tensors`` are the recorded tensors, none of them changed since."""
+        return len(tensors) == len(self.tensors) and all(
+            now is then and (torch.equal(now, mark) if isinstance(mark, Tensor) else now._version == mark)
+            for now, then, mark in zip(tensors, self.tensors, self.marks)
+        )
+
+
 class _SolveRecord(NamedTuple):
-    base: Tensor
-    data: Tensor
     log_abs_det: Tensor  # log|det d data / d base|
-    stamp: tuple
+    settings: tuple  # grad mode and solver settings of the solve
+    state: _TensorState  # base, data, then the tensors of _CNFTransform._read
+
+    @property
+    def base(self) -> Tensor:
+        return self.state.tensors[0]
+
+    @property
+    def data(self) -> Tensor:
+        return self.state.tensors[1]
 
 
 class _CNFTransform:
-    """Pyro ``Transform`` behaviour shared by :class:`FFJORD` and :class:`ConditionedFFJORD`."""
+    """Pyro ``Transform`` behaviour shared by :class:`FFJORD`, :class:`ConditionedFFJORD` and the image flow."""
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
@@ -75,25 +101,28 @@ class _CNFTransform:
     _context: Tensor | None
     _record: _SolveRecord | None = None
 
-    def _stamp(self) -> tuple:
+    def _flows(self) -> list[ContinuousFlow]:
+        """The CNFs a solve runs."""
+        return [self._flow]
+
+    def _read(self) -> list[Tensor]:
+        """What a solve reads besides its input: parameters, buffers and the context."""
         f = self._flow
-        tensors = chain(f.parameters(), f.buffers(), () if self._context is None else [self._context])
-        return (
-            torch.is_grad_enabled(),
-            tuple(repr(getattr(f, name)) for name in SOLVER_SETTINGS),
-            tuple((id(t), t._version) for t in tensors),
-        )
+        return [*f.parameters(), *f.buffers(), *(() if self._context is None else (self._context,))]
+
+    def _settings(self) -> tuple:
+        return torch.is_grad_enabled(), tuple(repr(getattr(f, name)) for f in self._flows() for name in SOLVER_SETTINGS)
+
+    def _record_solve(self, base: Tensor, data: Tensor, log_abs_det: Tensor) -> _SolveRecord:
+        self._record = _SolveRecord(log_abs_det, self._settings(), _TensorState((base, data, *self._read())))
+        return self._record
 
     def _lookup(self, base: Tensor | None = None, data: Tensor | None = None) -> _SolveRecord | None:
         record = self._record
-        if (
-            record is None
-            or (base is not None and record.base is not base)
-            or (data is not None and record.data is not data)
-            or record.stamp != self._stamp()
-        ):
+        if record is None or record.settings != self._settings():
             return None
-        return record
+        now = (record.base if base is None else base, record.data if data is None else data, *self._read())
+        return record if record.state.unchanged(now) else None
 
     def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor]:
         flow = self._flow
@@ -119,15 +148,14 @@ class _CNFTransform:
     def _call(self, z: Tensor) -> Tensor:
         record = self._lookup(base=z)
         if record is None:
-            x, log_abs_det = self._solve(z, "z", reverse=True)
-            record = self._record = _SolveRecord(z, x, log_abs_det, self._stamp())
+            record = self._record_solve(z, *self._solve(z, "z", reverse=True))
         return record.data
 
     def _inverse(self, x: Tensor) -> Tensor:
         record = self._lookup(data=x)
         if record is None:
             z, logdet = self._solve(x, "x", reverse=False)
-            record = self._record = _SolveRecord(z, x, -logdet, self._stamp())
+            record = self._record_solve(z, x, -logdet)
         return record.base
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:

@@ -237,6 +237,26 @@ def test_vectorized_particles_match_sequential(num_particles):
     assert loss == pytest.approx(expected, rel=1e-3, abs=1e-3)
 
 
+@pytest.mark.parametrize("Elbo", ELBOS)
+@pytest.mark.parametrize("num_particles", [1, 3])
+def test_regularization_enters_the_loss(Elbo, num_particles):
+    """With RNODE weights, every ELBO's loss is the negative ELBO plus the penalty of the guide's solve."""
+    data = torch.tensor([0.3, -0.2, 1.1, 0.7])
+    rnode = {"kinetic": 1.0, "jacobian": 1.0}
+    guide = AutoFFJORD(location_scale_model, num_transforms=2, **cheap(divergence="exact", regularization=rnode))
+    guide(data)
+    elbo = Elbo(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    pyro.set_rng_seed(0)
+    regularized = elbo.loss(location_scale_model, guide, data)
+    penalty = sum(part.regularization_loss() for part in guide.transform.parts)
+    for part in guide.transform.parts:
+        part.flow.regularization = {}
+    pyro.set_rng_seed(0)
+    plain = elbo.loss(location_scale_model, guide, data)
+    assert penalty > 0
+    assert regularized == pytest.approx(plain + penalty.item(), rel=1e-5)
+
+
 def test_guide_density_normalized():
     """exp(log q) of the guide's latent integrates to one (checks the CNF's and the affine's log-dets)."""
 

@@ -211,6 +211,34 @@ def test_cache_never_stale_after_deepcopy_and_state_dict():
     assert torch.allclose(dist.TransformedDistribution(base, [t]).log_prob(x), changed)
 
 
+def test_cache_never_stale_after_in_place_change_of_the_input(monkeypatch):
+    """A reused input buffer is solved again once its values change, inference tensors included."""
+    t, _ = make("ffjord", divergence="exact", **FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            x = torch.randn(6, 3)
+            before = d.log_prob(x)
+            solves = _SolveCounter(monkeypatch)
+            assert torch.equal(d.log_prob(x), before) and solves.count == 0  # unchanged: cached
+            x.mul_(3.0)
+            assert torch.allclose(d.log_prob(x), d.log_prob(x.clone()))
+            assert not torch.allclose(d.log_prob(x), before)
+
+
+def test_conditional_flow_under_inference_mode(monkeypatch):
+    ct = pf.conditional_ffjord(3, 2, hidden_dims=(8,), divergence="exact", **FAST)
+    base = dist.Normal(torch.zeros(3), 1.0).to_event(1)
+    context, x = torch.randn(5, 2), torch.randn(5, 3)
+    expected = dist.ConditionalTransformedDistribution(base, [ct]).condition(context).log_prob(x)
+    with torch.inference_mode():
+        d = dist.ConditionalTransformedDistribution(base, [ct]).condition(context.clone())
+        solves = _SolveCounter(monkeypatch)
+        log_p = d.log_prob(x.clone())
+        assert solves.count == 1
+    torch.testing.assert_close(log_p, expected.detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_no_grad_sampling_and_evaluation():
     t, _ = make("ffjord", **FAST)
     d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
