@@ -19,6 +19,7 @@ from pyro.nn import PyroParam
 from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 
+from ._checks import check_int
 from .transforms import ffjord
 
 
@@ -85,8 +86,7 @@ class AutoFFJORD(AutoNormalizingFlow):
         activation: str = "tanh",
         **options: Any,
     ) -> None:
-        if isinstance(num_transforms, bool) or not isinstance(num_transforms, int) or num_transforms < 1:
-            raise ValueError(f"num_transforms must be a positive integer, got {num_transforms!r}")
+        check_int("num_transforms", num_transforms)
         if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 < init_scale < math.inf:
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         if prefix is not None and (not isinstance(prefix, str) or not prefix):

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 from torch.nn import functional as F
 
+from ._checks import check_choice, check_int
 from .dynamics import NFE, ContinuousFlow
-from .nets import _ACTIVATION_JVPS, ACTIVATIONS, check_choice
+from .nets import _ACTIVATION_JVPS, ACTIVATIONS
 from .transforms import _check_option_names, _check_tensor, _CNFTransform
 
 
@@ -283,9 +284,8 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
     ) -> None:
         super().__init__(cache_size=0)
         c, h, w = _positive_ints("input_shape", input_shape, 3)
-        for name, value in (("n_scales", n_scales), ("n_blocks", n_blocks)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int("n_scales", n_scales)
+        check_int("n_blocks", n_blocks)
         factor = 2 ** (n_scales - 1)
         if h % factor or w % factor:
             raise ValueError(
@@ -411,8 +411,7 @@ def dequantize(images: Tensor, num_bins: int = 256, generator: torch.Generator |
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+    check_int("num_bins", num_bins, least=2)
     x = images if images.is_floating_point() else images.to(torch.get_default_dtype())
     if not ((x >= 0) & (x <= num_bins - 1) & (x == x.round())).all():
         raise ValueError(f"images must hold integers in [0, {num_bins - 1}] (num_bins={num_bins})")
@@ -437,7 +436,10 @@ def bits_per_dim(log_prob: Tensor, num_dims: int, num_bins: int = 256) -> Tensor
     Returns:
         Bits/dim with the shape of ``log_prob``.
     """
-    for name, value, least in (("num_dims", num_dims, 1), ("num_bins", num_bins, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    check_int("num_dims", num_dims)
+    check_int("num_bins", num_bins, least=2)
+    if not isinstance(log_prob, Tensor):
+        raise TypeError(f"log_prob must be a torch.Tensor, got {type(log_prob).__name__}")
+    if not torch.isfinite(log_prob).all():
+        raise ValueError("log_prob contains NaN or inf")
     return (-log_prob + num_dims * math.log(num_bins)) / (num_dims * math.log(2))

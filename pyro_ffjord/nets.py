@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._checks import check_choice, check_int
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "softplus": nn.Softplus,
@@ -187,12 +189,6 @@ LAYERS: dict[str, type[nn.Module]] = {
 }
 
 
-def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    """Raises a ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
-
-
 class ODENet(nn.Module):
     r"""Multilayer perceptron ``f(t, z[, context])`` whose every layer sees the time (and context).
 
@@ -218,9 +214,8 @@ class ODENet(nn.Module):
         activation: str = "tanh",
     ) -> None:
         super().__init__()
-        for name, value in (("input_dim", input_dim), ("context_dim", context_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "input_dim"):
-                raise ValueError(f"{name} must be a non-negative integer (positive for input_dim), got {value!r}")
+        check_int("input_dim", input_dim)
+        check_int("context_dim", context_dim, least=0)
         if not isinstance(hidden_dims, Sequence) or isinstance(hidden_dims, str):
             raise TypeError(f"hidden_dims must be a sequence of positive integers, got {hidden_dims!r}")
         hidden_dims = tuple(hidden_dims)
@@ -238,7 +233,22 @@ class ODENet(nn.Module):
         self.activation = ACTIVATIONS[activation]()
         self._activation_jvp = _ACTIVATION_JVPS[activation]
 
+    def _check_inputs(self, t: Tensor, z: Tensor, context: Tensor | None) -> None:
+        """Clear errors for calls that would fail deep inside the layers (cheap: shapes only)."""
+        if not isinstance(t, Tensor) or t.numel() != 1:
+            raise TypeError(f"t must be a one-element torch.Tensor, got {t!r}")
+        if not isinstance(z, Tensor) or z.dim() == 0 or z.shape[-1] != self.input_dim:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"z must be a tensor of shape (..., {self.input_dim}), got {got}")
+        if not self.context_dim:
+            if context is not None:
+                raise ValueError(f"{type(self).__name__} has context_dim=0 and takes no context")
+        elif not isinstance(context, Tensor) or context.shape != (*z.shape[:-1], self.context_dim):
+            got = tuple(context.shape) if isinstance(context, Tensor) else context
+            raise ValueError(f"context must have shape {(*z.shape[:-1], self.context_dim)} (z's batch), got {got}")
+
     def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
+        self._check_inputs(t, z, context)
         h = z
         for i in range(len(self.layers)):
             h = self._layer(i, t, h, None, context, jvp=False)[0]
@@ -265,6 +275,13 @@ class ODENet(nn.Module):
             >>> jac_t.shape
             torch.Size([5, 3, 3])
         """
+        self._check_inputs(t, z, context)
+        if z.dim() != 2:
+            raise ValueError(f"z must have shape (N, {self.input_dim}), got {tuple(z.shape)}")
+        if tangents is not None and (tangents.dim() != 3 or tangents.shape[::2] != (z.shape[0], self.input_dim)):
+            raise ValueError(
+                f"tangents must have shape ({z.shape[0]}, k, {self.input_dim}), got {tuple(tangents.shape)}"
+            )
         h, jvp = z, tangents
         for i in range(len(self.layers)):
             pre, jvp = self._layer(i, t, h, jvp, context, jvp=True)
@@ -323,9 +340,7 @@ class AmortizedLowRankODENet(ODENet):
         activation: str = "tanh",
     ) -> None:
         super().__init__(input_dim, hidden_dims, 0, layer, activation)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        self.rank = rank
+        self.rank = check_int("rank", rank)
         widths = (input_dim, *self._hidden_dims, input_dim)
         self._shapes = list(zip(widths[:-1], widths[1:]))
         self._split = [n for w_in, w_out in self._shapes for n in (w_in * rank, rank * w_out, w_out)]
@@ -333,8 +348,6 @@ class AmortizedLowRankODENet(ODENet):
 
     def _low_rank(self, i: int, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Layer ``i``'s amortized ``U / sqrt(d r)``, shape ``(N, d_in, r)``, ``V`` ``(N, r, d_out)`` and bias."""
-        if context is None or context.shape[-1] != self.context_dim:
-            raise ValueError(f"context (the amortized weights) must have shape (N, {self.context_dim})")
         u, v, b = context.split(self._split, dim=-1)[3 * i : 3 * i + 3]
         w_in, w_out = self._shapes[i]
         return u.view(-1, w_in, self.rank) / math.sqrt(w_in * self.rank), v.view(-1, self.rank, w_out), b

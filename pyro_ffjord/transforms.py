@@ -27,6 +27,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
+from ._checks import check_int
 from .dynamics import NFE, SOLVER_SETTINGS, ContinuousFlow
 from .nets import AmortizedLowRankODENet, ODENet
 
@@ -262,8 +263,7 @@ class ConditionalFFJORD(ConditionalTransformModule):
 
     def __init__(self, net: torch.nn.Module, input_dim: int, context_dim: int, **options: Any) -> None:
         super().__init__()
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
-            raise ValueError(f"context_dim must be a positive integer, got {context_dim!r}")
+        check_int("context_dim", context_dim)
         _check_option_names(options)
         self.flow = ContinuousFlow(net, input_dim, context_dim, **options)
 
@@ -275,6 +275,11 @@ class ConditionalFFJORD(ConditionalTransformModule):
     def nfe(self) -> NFE:
         """Function evaluations ``(forward, backward)`` of the last solve."""
         return self.flow.nfe
+
+    @property
+    def T(self) -> Tensor:
+        """The integration time."""
+        return self.flow.T
 
     def regularization_loss(self) -> Tensor:
         """RNODE penalty of the last solve."""
@@ -310,8 +315,7 @@ class AmortizedFFJORD(ConditionalFFJORD):
             raise ValueError(
                 f"net must declare a positive integer context_dim (its amortized inputs), got {context_dim!r}"
             )
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-            raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+        check_int("feature_dim", feature_dim)
         super().__init__(net, input_dim, context_dim, **options)
         self.feature_dim = feature_dim
         self.amortizer = torch.nn.Linear(feature_dim, context_dim)
@@ -350,6 +354,7 @@ def conditional_ffjord(
     **options: Any,
 ) -> ConditionalFFJORD:
     """Builds a :class:`ConditionalFFJORD` whose every layer sees the time and the context."""
+    check_int("context_dim", context_dim)  # before the net, which would also accept 0
     net = ODENet(input_dim, hidden_dims, context_dim, layer, activation)
     return ConditionalFFJORD(net, input_dim, context_dim, **options)
 

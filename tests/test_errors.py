@@ -131,3 +131,59 @@ def test_value_on_another_device(transform):
         transform(torch.empty(4, 3, device="meta"))
     with pytest.raises(ValueError, match="context is on meta"):
         pf.conditional_ffjord(3, 2, hidden_dims=(8,), **FAST).condition(torch.empty(4, 2, device="meta"))
+
+
+_NET = pf.ODENet(2, (8,))
+_CONTEXT_NET = pf.ODENet(2, (8,), context_dim=3)
+_LOW_RANK = pf.AmortizedLowRankODENet(2, (8,), rank=2)
+
+
+@pytest.mark.parametrize(
+    "net, args, kwargs, error, match",
+    [
+        (_NET, (0.5, torch.randn(4, 2)), {}, TypeError, "t must be a one-element"),
+        (_NET, (torch.tensor(0.5), torch.randn(4, 3)), {}, ValueError, r"z must be a tensor of shape \(\.\.\., 2\)"),
+        (_NET, (torch.tensor(0.5), torch.randn(4, 2), torch.randn(4, 3)), {}, ValueError, "takes no context"),
+        (_CONTEXT_NET, (torch.tensor(0.5), torch.randn(4, 2)), {}, ValueError, r"context must have shape \(4, 3\)"),
+        (_LOW_RANK, (torch.tensor(0.5), torch.randn(4, 2), torch.randn(3, 50)), {}, ValueError, "context must"),
+    ],
+)
+@pytest.mark.parametrize("method", ["forward", "forward_and_jacobian"])
+def test_bad_net_calls(net, args, kwargs, error, match, method):
+    with pytest.raises(error, match=match):
+        getattr(net, method)(*args, **kwargs)
+
+
+def test_bad_tangents():
+    with pytest.raises(ValueError, match=r"tangents must have shape \(4, k, 2\)"):
+        _NET.forward_and_jacobian(torch.tensor(0.5), torch.randn(4, 2), tangents=torch.randn(4, 2))
+
+
+@pytest.mark.parametrize(
+    "log_prob, error, match",
+    [([1.0], TypeError, "log_prob must be a torch.Tensor"), (torch.tensor(float("nan")), ValueError, "NaN")],
+)
+def test_bad_bits_per_dim(log_prob, error, match):
+    with pytest.raises(error, match=match):
+        pf.bits_per_dim(log_prob, 784)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: pf.conditional_ffjord(2, "3"), "context_dim must be a positive integer, got '3'"),
+        (lambda: pf.amortized_ffjord(2, 0), "feature_dim must be a positive integer, got 0"),
+        (lambda: pf.ODENet(2, context_dim=-1), "context_dim must be a non-negative integer, got -1"),
+        (lambda: pf.bits_per_dim(torch.zeros(1), 784, num_bins=1), "num_bins must be an integer >= 2, got 1"),
+    ],
+)
+def test_integer_arguments_named(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_conditional_transforms_have_T():
+    conditional = pf.conditional_ffjord(2, 3, T=0.5)
+    amortized = pf.amortized_ffjord(2, 4, hidden_dims=(8,), T=0.25)
+    assert conditional.T.item() == pytest.approx(0.5) == conditional.condition(torch.randn(1, 3)).T.item()
+    assert amortized.T.item() == pytest.approx(0.25) == amortized.condition(torch.randn(1, 4)).T.item()

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 TOY_DATASETS = ("8gaussians", "2spirals", "checkerboard", "moons", "pinwheel", "circles", "rings", "swissroll")
 
 _SQRT2 = math.sqrt(2.0)
@@ -100,8 +102,7 @@ def sample_toy(name: str, n: int, seed: int) -> Tensor:
     """Draws ``n`` points of the toy density ``name`` (float64, shape ``(n, 2)``) with a seed."""
     if name not in _SAMPLERS:
         raise ValueError(f"toy dataset must be one of {list(TOY_DATASETS)}, got {name!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_int("n", n)
     return _SAMPLERS[name](n, torch.Generator().manual_seed(seed))
 
 
