@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ._checks import check_choice, check_int
 from .dynamics import NFE, ContinuousFlow
-from .nets import _ACTIVATION_JVPS, ACTIVATIONS
+from .nets import _ACTIVATION_JVPS, ACTIVATIONS, _fold_gate_and_shift
 from .transforms import _check_option_names, _check_tensor, _CNFTransform
 
 
@@ -63,10 +63,8 @@ class ConcatSquashConv2d(nn.Module):
     def forward_and_jvp(self, t: Tensor, x: Tensor, tangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The output and the tangents ``(N k, C, H, W)`` pushed through the layer (if given)."""
         # the gate is the same for the whole batch: folded into the kernel and bias once per evaluation
-        tt = t.to(x).reshape(1, 1)
-        gate = torch.sigmoid(self.gate(tt)).reshape(-1)
-        weight = self.conv.weight * gate.reshape(-1, 1, 1, 1)
-        out = F.conv2d(x, weight, torch.addcmul(self.shift(tt).reshape(-1), self.conv.bias, gate), padding=1)
+        weight, bias = _fold_gate_and_shift(self.conv.weight, self.conv.bias, self.gate, self.shift, t.to(x))
+        out = F.conv2d(x, weight, bias, padding=1)
         return out, None if tangents is None else F.conv2d(tangents, weight, padding=1)
 
 

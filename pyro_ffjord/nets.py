@@ -63,6 +63,18 @@ def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
     return weight.t().contiguous().unsqueeze(0) if tangents is None else F.linear(tangents, weight)
 
 
+def _fold_gate_and_shift(
+    weight: Tensor, bias: Tensor, gate: nn.Linear, shift: nn.Linear, t: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The weight and bias of :math:`(W x + b) \odot \sigma(a t + c) + d t` at time ``t``.
+
+    The gate scales each output unit (a row of a linear weight, a kernel of a convolution's).
+    """
+    tt = t.reshape(1, 1)
+    scale = torch.sigmoid(gate(tt)).reshape(-1)
+    return weight * scale.reshape(-1, *(1,) * (weight.dim() - 1)), torch.addcmul(shift(tt).reshape(-1), bias, scale)
+
+
 class _ConditionedLinear(nn.Module):
     """A linear layer whose map depends on the time (and, per sample, on the context).
 
@@ -109,11 +121,7 @@ class ConcatSquashLinear(_ConditionedLinear):
         self.shift = nn.Linear(1 + context_dim, out_features, bias=False)
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        tt = t.reshape(1, 1)
-        gate = torch.sigmoid(self.gate(tt)).reshape(-1)
-        return self.linear.weight * gate.unsqueeze(-1), torch.addcmul(
-            self.shift(tt).reshape(-1), self.linear.bias, gate
-        )
+        return _fold_gate_and_shift(self.linear.weight, self.linear.bias, self.gate, self.shift, t)
 
     def conditioned(
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool

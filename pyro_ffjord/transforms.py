@@ -398,7 +398,9 @@ def solver_settings(module: torch.nn.Module, **settings: Any) -> Iterator[None]:
         raise TypeError(f"module must be a torch.nn.Module containing CNFs, got {type(module).__name__}")
     flows = [m for m in module.modules() if isinstance(m, ContinuousFlow)]
     if not flows:
-        raise ValueError(f"module {type(module).__name__} contains no CNF")
+        raise ValueError(
+            f"module {type(module).__name__} contains no CNF (an autoguide creates its CNFs on its first call)"
+        )
     previous = []
     try:
         for flow in flows:
