@@ -9,7 +9,8 @@ FFJORD (Grathwohl et al., 2019) integrates the state together with its log-densi
 
 With ``train_T`` the time is rescaled to :math:`s = t / T \in [0, 1]`, so that the integration
 time :math:`T` is an ordinary parameter of the dynamics, differentiated through the adjoint like
-any weight; a fixed :math:`T` is integrated over :math:`[0, T]` as it is.
+any weight; a fixed :math:`T` is integrated over :math:`[0, T]` as it is. Solver options are in units of
+:math:`t` either way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq._impl.misc import _mixed_norm
 
+from ._checks import check_choice, check_int
 from .divergence import (
     DIVERGENCES,
     NOISES,
@@ -31,9 +33,20 @@ from .divergence import (
     divergence_hutchinson_jvp,
     sample_noise,
 )
-from .nets import check_choice
 from .regularizers import REGULARIZERS, jacobian_frobenius, kinetic_energy
-from .solve import ODESolveError, check_solver_options, integrate, is_fixed_grid, nfe_budget
+from .solve import (
+    ODESolveError,
+    check_rescalable,
+    check_solver_options,
+    integrate,
+    is_fixed_grid,
+    nfe_budget,
+    step_size_grid,
+    time_options_in_units_of_s,
+)
+
+# Relative distance from an integer below which T / step_size counts as that many steps.
+_STEP_COUNT_RTOL = 1e-6
 
 SOLVER_SETTINGS = ("divergence", "noise", "method", "rtol", "atol", "options", "adjoint", "max_num_steps")
 
@@ -73,7 +86,7 @@ class CNFDynamics:
         self.context = context
         self.noise = noise
         self.regularize = regularize
-        self.budget = nfe_budget(flow.method, flow.max_num_steps)
+        self.budget = nfe_budget(flow.method, flow.max_num_steps, flow.options)
         # An adaptive solve must stop at the first non-finite evaluation (its step control would spin on
         # NaNs); a fixed grid has a known number of steps, and a NaN reaches the final state, which is
         # checked once per solve: that spares one device synchronization per evaluation on GPUs.
@@ -90,6 +103,14 @@ class CNFDynamics:
             f"CNF {phase} solve {what}: method={f.method!r}, rtol={f.rtol}, atol={f.atol}, "
             f"T={float(self.T.detach()):.4g}, nfe={nfe}, max_num_steps={f.max_num_steps}"
         )
+
+    def _check_output(self, f: Any, z: Tensor) -> None:
+        # Checked once per solve: a wrong shape otherwise surfaces as an autograd error in the divergence.
+        if not isinstance(f, Tensor) or f.shape != z.shape:
+            got = f"shape {tuple(f.shape)}" if isinstance(f, Tensor) else type(f).__name__
+            raise ValueError(
+                f"net {type(self.flow.net).__name__} must return dz/dt shaped like z {tuple(z.shape)}, got {got}"
+            )
 
     def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         if self.forward_done:
@@ -118,6 +139,8 @@ class CNFDynamics:
                 if not (create_graph and z.requires_grad):
                     z = z.detach().requires_grad_(True)
                 f = self.flow.net(t, z, *context)
+                if nfe == 1:
+                    self._check_output(f, z)
                 if self.noise is None:
                     div, rows = divergence_exact(f, z, create_graph)
                 else:
@@ -145,8 +168,9 @@ class ContinuousFlow(nn.Module):
         train_T: learn ``T`` (parameterized as :math:`\log T`).
         divergence: ``"hutchinson"`` or ``"exact"``.
         noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``, drawn once per solve.
-        method, rtol, atol, options: the torchdiffeq solver and its settings; a fixed-grid
-            ``step_size`` is in units of ``t``.
+        method, rtol, atol, options: the torchdiffeq solver and its settings; time-valued options
+            (``step_size``, ``first_step``, ``min_step``, ``max_step``, ``step_t``, ``jump_t``) are in
+            units of ``t`` (a learned ``T`` cannot rescale a ``grid_constructor``).
         adjoint: gradients from the adjoint ODE (memory flat in the number of steps).
         max_num_steps: solver steps allowed per solve before :class:`ODESolveError`.
         regularization: RNODE weights, e.g. ``{"kinetic": 0.01, "jacobian": 0.01}``.
@@ -174,8 +198,7 @@ class ContinuousFlow(nn.Module):
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
         for name, value, least in (("input_dim", input_dim, 1), ("context_dim", context_dim, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            check_int(name, value, least)
             declared = getattr(net, name, value)  # nets that declare their sizes (ODENet does) must agree
             if declared != value:
                 raise ValueError(f"net has {name}={declared} but the flow was given {name}={value}")
@@ -231,10 +254,10 @@ class ContinuousFlow(nn.Module):
         check_choice("noise", new["noise"], NOISES)
         if not isinstance(new["adjoint"], bool):
             raise TypeError(f"adjoint must be a bool, got {new['adjoint']!r}")
-        max_num_steps = new["max_num_steps"]
-        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
-            raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
+        check_int("max_num_steps", new["max_num_steps"])
         new["options"] = check_solver_options(new["method"], new["rtol"], new["atol"], new["options"])
+        if self.log_T.requires_grad:  # fail now rather than at the first solve
+            check_rescalable(new["options"])
         previous = {name: getattr(self, name) for name in settings if hasattr(self, name)}
         for name, value in new.items():
             setattr(self, name, value)
@@ -259,19 +282,28 @@ class ContinuousFlow(nn.Module):
             loss = loss + self.regularization[name] * value.mean()
         return loss
 
-    def _solver_options(self, T: float, end: float, regularize: bool) -> dict[str, Any]:
+    def _solver_options(self, T: float, rescaled: bool, regularize: bool) -> dict[str, Any]:
+        """The torchdiffeq options of one solve: ``self.options`` are in units of ``t``, converted to
+        :math:`s = t / T` when the solve is ``rescaled``."""
+        options = time_options_in_units_of_s(self.options, T) if rescaled else dict(self.options)
         if not is_fixed_grid(self.method):
-            return {"norm": _density_error_norm, **self.options} if regularize else self.options
-        if "step_size" in self.options:
-            # step_size is given in units of t; the solver runs over [0, end].
-            num_steps = T / self.options["step_size"]
-            if not num_steps <= self.max_num_steps:
+            if regularize:
+                options.setdefault("norm", _density_error_norm)
+        elif "step_size" in options:
+            step_size = self.options["step_size"]
+            # T / step_size steps, the last one shorter; a count that is an integer up to the rounding of T
+            # (a float32) is that integer, not one more step of ~1e-7 that would cost a full step's evaluations.
+            num_steps = T / step_size
+            if math.isclose(num_steps, round(num_steps), rel_tol=_STEP_COUNT_RTOL):
+                num_steps = round(num_steps)
+            num_steps = math.ceil(num_steps)
+            if num_steps > self.max_num_steps:
                 raise ODESolveError(
-                    f"{self.method} with step_size={self.options['step_size']} needs {num_steps:.3g} steps to "
+                    f"{self.method} with step_size={step_size} needs {num_steps} steps to "
                     f"cover T={T:.4g}, more than max_num_steps={self.max_num_steps}"
                 )
-            return {**self.options, "step_size": end / max(num_steps, 1.0)}
-        return self.options
+            options["grid_constructor"] = step_size_grid(num_steps, options.pop("step_size"))
+        return options
 
     def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
         """Flows ``x`` from t=0 to t=T (from T to 0 if ``reverse``).
@@ -306,7 +338,7 @@ class ContinuousFlow(nn.Module):
             method=self.method,
             rtol=self.rtol,
             atol=self.atol,
-            options=self._solver_options(float(T.detach()), end, regularize),
+            options=self._solver_options(float(T.detach()), rescaled, regularize),
             adjoint=self.adjoint,
             adjoint_params=adjoint_params,
         )

@@ -9,16 +9,25 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.fixed_adams import _MAX_ITERS, AdamsBashforth, AdamsBashforthMoulton
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
-# Function evaluations per step of the fixed-grid solvers (adaptive ones read their tableau).
+from ._checks import check_int
+
+# Function evaluations per step of the fixed-grid Runge-Kutta solvers: f(t0, y0), then one per further
+# stage (torchdiffeq's fixed_grid.py; rk4 is rk_common.rk4_alt_step_func). Adaptive ones read their tableau.
 _FIXED_GRID_STAGES = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+# Evaluations after f(t0, y0) of the rk4 step that the Adams solvers take until they have enough history.
+_ADAMS_STARTUP_EVALS = 3
 # Evaluations an adaptive solver spends choosing its first step.
 _INITIAL_STEP_EVALS = 2
 # Arguments of the solvers' constructors that are not user options.
-_NOT_OPTIONS = {"self", "func", "y0", "rtol", "atol", "dtype", "unused_kwargs"}
+_NOT_OPTIONS = {"self", "func", "y0", "rtol", "atol", "dtype"}
+# Options in units of the solver's time (torchdiffeq 0.2.5's constructors): step lengths, and lists of times.
+TIME_STEP_OPTIONS = ("step_size", "first_step", "min_step", "max_step")
+TIME_POINT_OPTIONS = ("step_t", "jump_t")
 
 
 class ODESolveError(ValueError, RuntimeError):
@@ -40,7 +49,12 @@ def allowed_options(method: str) -> set[str]:
     for cls in SOLVERS[method].__mro__:
         init = cls.__dict__.get("__init__")
         if init is not None:
-            names.update(inspect.signature(init).parameters)
+            # *args and **kwargs (object's, or those forwarded to a base class) name no option
+            names.update(
+                name
+                for name, parameter in inspect.signature(init).parameters.items()
+                if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+            )
     return names - _NOT_OPTIONS
 
 
@@ -75,20 +89,89 @@ def check_solver_options(method: str, rtol: float, atol: float, options: Mapping
             isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf")
         ):
             raise ValueError(f"options['step_size'] must be a positive finite number, got {step_size!r}")
+    check_int("options['max_iters']", options.get("max_iters", _MAX_ITERS))  # bounds the step budget
     return dict(options)
 
 
-def evals_per_step(method: str) -> int:
-    """Function evaluations one step of ``method`` costs (rejected adaptive steps included)."""
+def evals_per_step(method: str, options: Mapping[str, Any] | None = None) -> int:
+    """Most function evaluations one step of ``method`` costs (rejected adaptive steps included).
+
+    An Adams step evaluates :math:`f(t_0, y_0)`, then either finishes an rk4 step (while its history is
+    short) or, implicit, runs up to ``options["max_iters"]`` Adams-Moulton corrector evaluations.
+    """
     solver = SOLVERS[method]
     if issubclass(solver, RKAdaptiveStepsizeODESolver):
         return len(solver.tableau.alpha)
-    return _FIXED_GRID_STAGES.get(method, 2)
+    if issubclass(solver, AdamsBashforthMoulton):
+        options = options or {}
+        implicit = not issubclass(solver, AdamsBashforth) and options.get("implicit", True)
+        corrector = options.get("max_iters", _MAX_ITERS) if implicit else 0
+        return 1 + max(_ADAMS_STARTUP_EVALS, corrector)
+    if method not in _FIXED_GRID_STAGES:
+        raise ValueError(f"method {method!r} has no known number of evaluations per step, so no step budget")
+    return _FIXED_GRID_STAGES[method]
 
 
-def nfe_budget(method: str, max_num_steps: int) -> int:
-    """Largest number of function evaluations a solve of ``max_num_steps`` steps may use."""
-    return max_num_steps * evals_per_step(method) + _INITIAL_STEP_EVALS
+def nfe_budget(method: str, max_num_steps: int, options: Mapping[str, Any] | None = None) -> int:
+    """Largest number of function evaluations a solve of ``max_num_steps`` steps may use.
+
+    Besides its steps, an adaptive solve evaluates ``f`` to choose its first step, and a fixed-grid one
+    with ``interp="cubic"`` once more at the end time.
+    """
+    if not is_fixed_grid(method):
+        extra = _INITIAL_STEP_EVALS
+    else:
+        extra = int((options or {}).get("interp") == "cubic")
+    return max_num_steps * evals_per_step(method, options) + extra
+
+
+def step_size_grid(num_steps: int, step_size: float) -> Callable[[Any, Tensor, Tensor], Tensor]:
+    """A torchdiffeq ``grid_constructor``: ``num_steps`` steps of ``step_size`` from ``t[0]``, the last one ending
+    at ``t[-1]``.
+
+    It is the grid of torchdiffeq's ``step_size`` option with the number of steps decided by the caller:
+    torchdiffeq's count, a ceiling rounded in the dtype of ``t``, adds a step of ~1e-7 where the span is a
+    multiple of ``step_size`` up to that rounding.
+    """
+
+    def grid_constructor(func: Any, y0: Tensor, t: Tensor) -> Tensor:
+        # t decreases in a reverse solve and in the adjoint pass: torchdiffeq passes it to us unflipped
+        direction = 1.0 if t[-1] >= t[0] else -1.0
+        grid = t[0] + direction * step_size * torch.arange(num_steps + 1, dtype=t.dtype, device=t.device)
+        grid[-1] = t[-1]
+        return grid
+
+    return grid_constructor
+
+
+def check_rescalable(options: Mapping[str, Any]) -> None:
+    """Checks that every time-valued option can be converted to the rescaled time :math:`s = t / T`.
+
+    Raises:
+        ValueError: ``options["grid_constructor"]`` is set: a callable's grid in units of ``t`` cannot be rescaled.
+    """
+    if options.get("grid_constructor") is not None:
+        raise ValueError(
+            "options['grid_constructor'] builds a grid in units of t, which a learned T (train_T=True) "
+            "cannot rescale; use options['step_size'] or a fixed T"
+        )
+
+
+def time_options_in_units_of_s(options: Mapping[str, Any], T: float) -> dict[str, Any]:
+    """Converts the time-valued ``options`` from units of ``t`` to units of :math:`s = t / T`.
+
+    Raises:
+        ValueError: see :func:`check_rescalable`.
+    """
+    check_rescalable(options)
+    converted = dict(options)
+    for name in TIME_STEP_OPTIONS:
+        if converted.get(name) is not None:
+            converted[name] = converted[name] / T
+    for name in TIME_POINT_OPTIONS:
+        if converted.get(name) is not None:  # a list of times; torchdiffeq reads it as a tensor anyway
+            converted[name] = torch.as_tensor(converted[name], dtype=torch.float64) / T
+    return converted
 
 
 def integrate(

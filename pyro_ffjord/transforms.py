@@ -310,11 +310,7 @@ class AmortizedFFJORD(ConditionalFFJORD):
     """
 
     def __init__(self, net: torch.nn.Module, input_dim: int, feature_dim: int, **options: Any) -> None:
-        context_dim = getattr(net, "context_dim", None)
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
-            raise ValueError(
-                f"net must declare a positive integer context_dim (its amortized inputs), got {context_dim!r}"
-            )
+        context_dim = check_int("net.context_dim (the amortized inputs it declares)", getattr(net, "context_dim", None))
         check_int("feature_dim", feature_dim)
         super().__init__(net, input_dim, context_dim, **options)
         self.feature_dim = feature_dim
