@@ -117,10 +117,13 @@ class AutoFFJORD(AutoNormalizingFlow):
         return ComposeTransform([self.transform, affine])
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Samples the packed latent; under inference, adds the CNFs' RNODE penalty of that solve as a guide factor."""
-        latent = super().sample_latent(*args, **kwargs)
+        """Samples the packed latent; under inference, adds the RNODE penalty of its solve as a guide factor."""
         flows = [part.flow for part in self.transform.parts]
-        if am_i_wrapped() and torch.is_grad_enabled() and any(flow.regularization for flow in flows):
+        solves = [flow._last_solve for flow in flows]
+        latent = super().sample_latent(*args, **kwargs)
+        # A replayed or conditioned latent is not solved here: the last penalty would belong to another sample.
+        solved = all(flow._last_solve is not solve for flow, solve in zip(flows, solves))
+        if solved and am_i_wrapped() and torch.is_grad_enabled() and any(flow.regularization for flow in flows):
             # A guide's log-density is subtracted from the ELBO, so +penalty here is +penalty in the loss.
             penalty = sum(flow.regularization_loss() for flow in flows)
             pyro.factor(f"_{self._pyro_name}_regularization", penalty, has_rsample=True)

@@ -289,7 +289,7 @@ class ContinuousFlow(nn.Module):
         if not is_fixed_grid(self.method):
             if regularize:
                 options.setdefault("norm", _density_error_norm)
-        elif "step_size" in options:
+        elif options.get("step_size") is not None:
             step_size = self.options["step_size"]
             # T / step_size steps, the last one shorter; a count that is an integer up to the rounding of T
             # (a float32) is that integer, not one more step of ~1e-7 that would cost a full step's evaluations.

@@ -90,7 +90,11 @@ def check_solver_options(method: str, rtol: float, atol: float, options: Mapping
         ):
             raise ValueError(f"options['step_size'] must be a positive finite number, got {step_size!r}")
     check_int("options['max_iters']", options.get("max_iters", _MAX_ITERS))  # bounds the step budget
-    return dict(options)
+    options = dict(options)
+    for name in TIME_POINT_OPTIONS:
+        if options.get(name) is not None:  # torchdiffeq negates these for a backward solve only if tensors
+            options[name] = torch.as_tensor(options[name], dtype=torch.float64)
+    return options
 
 
 def evals_per_step(method: str, options: Mapping[str, Any] | None = None) -> int:
@@ -165,12 +169,9 @@ def time_options_in_units_of_s(options: Mapping[str, Any], T: float) -> dict[str
     """
     check_rescalable(options)
     converted = dict(options)
-    for name in TIME_STEP_OPTIONS:
+    for name in TIME_STEP_OPTIONS + TIME_POINT_OPTIONS:
         if converted.get(name) is not None:
             converted[name] = converted[name] / T
-    for name in TIME_POINT_OPTIONS:
-        if converted.get(name) is not None:  # a list of times; torchdiffeq reads it as a tensor anyway
-            converted[name] = torch.as_tensor(converted[name], dtype=torch.float64) / T
     return converted
 
 

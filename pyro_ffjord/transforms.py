@@ -10,7 +10,8 @@ Every solve returns its log-determinant, which is cached with the input/output p
 ``log_prob(x)`` and ``log_prob(rsample())`` each cost one solve. The cache is keyed by tensor
 identity *and* by the state of every tensor the solve read (input, output, parameters, buffers,
 context), so an in-place change of the input, an optimizer step, a ``load_state_dict`` or a
-``deepcopy`` never gets a stale value back.
+``deepcopy`` never gets a stale value back. (Writes that bypass autograd's version counter, through
+``.data`` or a NumPy view, cannot be seen; pass a new tensor after those.)
 """
 
 from __future__ import annotations

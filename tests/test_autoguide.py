@@ -257,6 +257,20 @@ def test_regularization_enters_the_loss(Elbo, num_particles):
     assert regularized == pytest.approx(plain + penalty.item(), rel=1e-5)
 
 
+def test_regularization_only_for_a_latent_solved_in_that_call():
+    """A replayed or conditioned latent runs no solve, so no penalty (the last one belongs to another sample)."""
+    data = torch.tensor([0.3, -0.2, 1.1, 0.7])
+    guide = AutoFFJORD(location_scale_model, **cheap(regularization={"kinetic": 1.0}))
+    first = poutine.trace(guide).get_trace(data)
+    poutine.trace(guide).get_trace(data)
+    site = "_AutoFFJORD_regularization"
+    assert site in first.nodes
+    replayed = poutine.trace(poutine.replay(guide, trace=first)).get_trace(data)
+    latent = first.nodes["_AutoFFJORD_latent"]["value"]
+    conditioned = poutine.trace(poutine.condition(guide, data={"_AutoFFJORD_latent": latent})).get_trace(data)
+    assert site not in replayed.nodes and site not in conditioned.nodes
+
+
 def test_guide_density_normalized():
     """exp(log q) of the guide's latent integrates to one (checks the CNF's and the affine's log-dets)."""
 

@@ -157,6 +157,32 @@ def test_grid_constructor_needs_a_fixed_T():
     assert t.nfe.forward == 4
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("train_T", [False, True])
+def test_time_points_given_as_a_list_are_honoured_both_ways(train_T, reverse):
+    """torchdiffeq negates ``jump_t`` for a backward solve only if it is a tensor: a list must work alike."""
+    x = torch.randn(4, 2)
+    nfe = []
+    for jump_t in ([0.3, 0.6], torch.tensor([0.3, 0.6]), None):
+        torch.manual_seed(0)
+        options = {} if jump_t is None else {"jump_t": jump_t}
+        t = pf.ffjord(2, hidden_dims=(8,), train_T=train_T, divergence="exact", options=options)
+        with torch.no_grad():
+            t(x) if reverse else t.inv(x)
+        nfe.append(t.nfe.forward)
+    assert nfe[0] == nfe[1] > nfe[2]  # the jumps restart the solver: more evaluations than without
+
+
+def test_grid_constructor_with_step_size_none():
+    def grid(func, y0, t):
+        return torch.linspace(float(t[0]), float(t[-1]), 3, dtype=t.dtype)
+
+    t = pf.ffjord(2, hidden_dims=(8,), method="rk4", options={"step_size": None, "grid_constructor": grid})
+    with torch.no_grad():
+        t.inv(torch.randn(5, 2))
+    assert t.nfe.forward == 8
+
+
 class WrongShape(nn.Module):
     def __init__(self) -> None:
         super().__init__()
