@@ -57,7 +57,11 @@ from common.training import (  # noqa: E402
     init_distributed,
     load_checkpoint,
     loop_state,
+    non_negative_float,
+    non_negative_int,
     parse_ints,
+    positive_float,
+    positive_int,
     resolve_device,
     write_json,
 )
@@ -288,30 +292,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="mnist")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=int, default=2000, help="training images (0: all)")
-    parser.add_argument("--num-test", type=int, default=500, help="test images (0: all)")
+    parser.add_argument("--num-train", type=non_negative_int, default=2000, help="training images (0: all)")
+    parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
     add_common_args(parser, num_steps=200, out="outputs/images")
     parser.add_argument("--distributed", action="store_true", help="data parallel over the processes of torchrun")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step and process")
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step and process")
+    parser.add_argument("--lr", type=positive_float, default=5e-3)
+    parser.add_argument("--warmup", type=non_negative_int, default=20, help="linear learning-rate warm-up steps")
     parser.add_argument("--lr-decay", choices=["cosine", "none"], default="cosine", help="after the warm-up")
-    parser.add_argument("--n-scales", type=int, default=2)
-    parser.add_argument("--n-blocks", type=int, default=1, help="CNF blocks before and after each squeeze")
+    parser.add_argument("--n-scales", type=positive_int, default=2)
+    parser.add_argument("--n-blocks", type=positive_int, default=1, help="CNF blocks before and after each squeeze")
     parser.add_argument("--hidden-channels", type=parse_ints, default=(16, 16, 16))
     parser.add_argument("--layer", choices=["concat", "concatsquash"], default="concat")
-    parser.add_argument("--alpha", type=float, default=1e-6, help="logit pre-processing")
-    parser.add_argument("--T", type=float, default=1.0, help="initial integration time of each block")
+    parser.add_argument("--alpha", type=positive_float, default=1e-6, help="logit pre-processing")
+    parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
     parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
     parser.add_argument("--train-method", default="rk4", help="training solver: fixed grid (rk4...) or adaptive")
-    parser.add_argument("--step-size", type=float, default=0.5, help="step of a fixed-grid training solver")
-    parser.add_argument("--tol", type=float, default=1e-5, help="rtol=atol of an adaptive training solver")
+    parser.add_argument("--step-size", type=positive_float, default=0.5, help="step of a fixed-grid training solver")
+    parser.add_argument("--tol", type=positive_float, default=1e-5, help="rtol=atol of an adaptive training solver")
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
-    parser.add_argument("--kinetic", type=float, default=0.01, help="RNODE kinetic-energy weight")
-    parser.add_argument("--jacobian", type=float, default=0.01, help="RNODE Jacobian-norm weight")
+    parser.add_argument("--kinetic", type=non_negative_float, default=0.01, help="RNODE kinetic-energy weight")
+    parser.add_argument("--jacobian", type=non_negative_float, default=0.01, help="RNODE Jacobian-norm weight")
     add_evaluation_args(parser, tol=1e-5, max_steps=1000, divergence="hutchinson")
-    parser.add_argument("--eval-batch-size", type=int, default=250)
-    parser.add_argument("--num-samples", type=int, default=64, help="samples in the PNG grid")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=250)
+    parser.add_argument("--num-samples", type=positive_int, default=64, help="samples in the PNG grid")
     return parser.parse_args(argv)
 
 

@@ -56,8 +56,12 @@ from common.training import (  # noqa: E402
     early_stopping_state,
     evaluation_solver,
     load_checkpoint,
+    non_negative_int,
+    positive_float,
+    positive_int,
     record_validation,
     resolve_device,
+    resuming,
     train_batches,
     write_json,
 )
@@ -280,14 +284,15 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     state = early_stopping_state(flow)
     start, saved = 0, None
     pyro.module(name, flow)  # both objectives keep the parameters in Pyro's param store
-    if args.resume:
+    resume = resuming(args, checkpoint, later_model=args.model == "all" and name != MODELS[0])
+    if resume:
         saved = load_checkpoint(checkpoint, optimizer, device)
         # the module takes the restored parameters, then the batch-norm buffers (not in the param store)
         pyro.module(name, flow, update_module_params=True)
         flow.load_state_dict(saved["module"] if "module" in saved else saved["flow"])
         start, state = saved["step"], saved["state"]
     fields = ["step", "loss", "val_nll", "nfe_forward", "T", "seconds"]
-    log = CSVLog(run_dir / "log.csv", fields, start if args.resume else None)
+    log = CSVLog(run_dir / "log.csv", fields, start if resume else None)
 
     train = data["train"]
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.bn_rows]
@@ -447,33 +452,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--data", choices=DATASETS, default="bsds300-images")
     source.add_argument("--csv", default=None, help="a numeric .csv/.npy table instead (split and standardized)")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=int, default=20000, help="rows used for training (0: all)")
-    parser.add_argument("--num-val", type=int, default=2000, help="validation rows (0: all)")
-    parser.add_argument("--num-test", type=int, default=5000, help="test rows (0: all)")
+    parser.add_argument("--num-train", type=non_negative_int, default=20000, help="rows used for training (0: all)")
+    parser.add_argument("--num-val", type=non_negative_int, default=2000, help="validation rows (0: all)")
+    parser.add_argument("--num-test", type=non_negative_int, default=5000, help="test rows (0: all)")
     parser.add_argument("--model", choices=[*MODELS, "all"], default="ffjord")
     add_common_args(parser, num_steps=800, out="outputs/tabular")
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam step size (paper: 1e-3)")
+    parser.add_argument("--batch-size", type=positive_int, default=500)
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="Adam step size (paper: 1e-3)")
     parser.add_argument("--objective", choices=["svi", "ml"], default="svi", help="Pyro SVI or plain ML loss")
-    parser.add_argument("--eval-every", type=int, default=50, help="steps between validation NLLs")
-    parser.add_argument("--patience", type=int, default=10, help="validations without improvement before stopping")
-    parser.add_argument("--num-hidden", type=int, default=None, help="hidden layers (default: the paper's)")
-    parser.add_argument("--hidden-mult", type=int, default=None, help="hidden width / D (default: the paper's)")
-    parser.add_argument("--max-width", type=int, default=64, help="cap on the hidden width (0: none, the paper)")
-    parser.add_argument("--num-blocks", type=int, default=None, help="stacked CNFs (default: the paper's)")
+    parser.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation NLLs")
+    parser.add_argument(
+        "--patience", type=positive_int, default=10, help="validations without improvement before stopping"
+    )
+    parser.add_argument("--num-hidden", type=positive_int, default=None, help="hidden layers (default: the paper's)")
+    parser.add_argument(
+        "--hidden-mult", type=positive_int, default=None, help="hidden width / D (default: the paper's)"
+    )
+    parser.add_argument(
+        "--max-width", type=non_negative_int, default=64, help="cap on the hidden width (0: none, the paper)"
+    )
+    parser.add_argument("--num-blocks", type=positive_int, default=None, help="stacked CNFs (default: the paper's)")
     parser.add_argument("--layer", default="concatsquash")
     parser.add_argument("--activation", default=None, help="tanh, softplus, ... (default: the paper's)")
-    parser.add_argument("--T", type=float, default=1.0, help="initial integration time of each block")
+    parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
     parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
     parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
-    parser.add_argument("--train-steps", type=int, default=4, help="fixed-grid steps over [0, T] (0: adaptive)")
-    parser.add_argument("--atol", type=float, default=1e-5, help="of an adaptive training solver (paper: 1e-8)")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="of an adaptive training solver (paper: 1e-6)")
+    parser.add_argument(
+        "--train-steps",
+        type=non_negative_int,
+        default=4,
+        help="fixed-grid steps over the initial T: the step T/n stays as T is learned (0: adaptive)",
+    )
+    parser.add_argument(
+        "--atol", type=positive_float, default=1e-5, help="of an adaptive training solver (paper: 1e-8)"
+    )
+    parser.add_argument(
+        "--rtol", type=positive_float, default=1e-5, help="of an adaptive training solver (paper: 1e-6)"
+    )
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
-    parser.add_argument("--bn-rows", type=int, default=5000, help="train rows that set the batch-norm averages")
-    parser.add_argument("--baseline-layers", type=int, default=5, help="MAF / spline-coupling layers")
+    parser.add_argument(
+        "--bn-rows", type=positive_int, default=5000, help="train rows that set the batch-norm averages"
+    )
+    parser.add_argument("--baseline-layers", type=positive_int, default=5, help="MAF / spline-coupling layers")
     add_evaluation_args(parser, tol=1e-5, max_steps=10000)  # the paper: atol 1e-8, rtol 1e-6
-    parser.add_argument("--eval-batch-size", type=int, default=1000)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=1000)
     return parser.parse_args(argv)
 
 

@@ -36,7 +36,11 @@ from common.training import (  # noqa: E402
     evaluation_solver,
     load_checkpoint,
     loop_state,
+    non_negative_float,
+    non_negative_int,
     parse_ints,
+    positive_float,
+    positive_int,
     resolve_device,
     write_json,
 )
@@ -225,28 +229,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=TOY_DATASETS, default="8gaussians")
     add_common_args(parser, num_steps=1500, out="outputs/toy_2d")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--batch-size", type=positive_int, default=512)
+    parser.add_argument("--lr", type=positive_float, default=5e-3)
     parser.add_argument("--objective", choices=["svi", "ml"], default="svi", help="Pyro SVI or plain ML loss")
     parser.add_argument("--hidden-dims", type=parse_ints, default=(64, 64, 64))
-    parser.add_argument("--num-blocks", type=int, default=1)
+    parser.add_argument("--num-blocks", type=positive_int, default=1)
     parser.add_argument("--layer", default="concatsquash")
     parser.add_argument("--activation", default="tanh")
-    parser.add_argument("--T", type=float, default=0.5, help="initial integration time")
+    parser.add_argument("--T", type=positive_float, default=0.5, help="initial integration time")
     parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
     parser.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact", help="training trace")
     parser.add_argument(
         "--train-method", default=None, help="training solver (default: rk4, or dopri5 with --train-steps 0)"
     )
-    parser.add_argument("--train-steps", type=int, default=4, help="fixed-grid steps over [0, T] (0: adaptive)")
-    parser.add_argument("--tol", type=float, default=1e-5, help="rtol=atol of an adaptive training solver")
+    parser.add_argument(
+        "--train-steps",
+        type=non_negative_int,
+        default=4,
+        help="fixed-grid steps over the initial T: the step T/n stays as T is learned (0: adaptive)",
+    )
+    parser.add_argument("--tol", type=positive_float, default=1e-5, help="rtol=atol of an adaptive training solver")
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
-    parser.add_argument("--kinetic", type=float, default=0.0, help="RNODE kinetic-energy weight")
-    parser.add_argument("--jacobian", type=float, default=0.0, help="RNODE Jacobian-norm weight")
+    parser.add_argument("--kinetic", type=non_negative_float, default=0.0, help="RNODE kinetic-energy weight")
+    parser.add_argument("--jacobian", type=non_negative_float, default=0.0, help="RNODE Jacobian-norm weight")
     add_evaluation_args(parser, tol=1e-5, max_steps=1000)
-    parser.add_argument("--num-test", type=int, default=20000)
-    parser.add_argument("--eval-batch-size", type=int, default=10000)
-    parser.add_argument("--plot-resolution", type=int, default=200, help="density grid points per axis")
+    parser.add_argument("--num-test", type=positive_int, default=20000)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=10000)
+    parser.add_argument("--plot-resolution", type=positive_int, default=200, help="density grid points per axis")
     return parser.parse_args(argv)
 
 

@@ -59,9 +59,13 @@ from common.training import (  # noqa: E402
     early_stopping_state,
     evaluation_solver,
     load_checkpoint,
+    non_negative_int,
     parse_ints,
+    positive_float,
+    positive_int,
     record_validation,
     resolve_device,
+    resuming,
     train_batches,
     write_json,
 )
@@ -315,7 +319,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     checkpoint = run_dir / "checkpoint.pt"
     start, saved = 0, None
     pyro.module("vae", vae)
-    if args.resume:
+    if resuming(args, checkpoint, later_model=args.posterior == "all" and name != POSTERIORS[0]):
         saved = load_checkpoint(checkpoint, optimizer, device)
         pyro.module("vae", vae, update_module_params=True)
         start, state = saved["step"], saved["state"]
@@ -367,7 +371,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     metrics = {
         **{f"test_{k}": v for k, v in result.items()},
         "untrained_test_neg_elbo": state["untrained_neg_elbo"],
-        "units": "bits/dim" if vae.categorical else "nats",
+        "paper_units": "bits/dim" if vae.categorical else "nats",  # of the *_paper_units fields; the rest in nats
         "test_neg_elbo_paper_units": in_paper_units(result["neg_elbo"], vae),
         "test_nll_paper_units": in_paper_units(result["nll"], vae),
         "best_val_neg_elbo": state["best_val"],
@@ -401,7 +405,7 @@ def plot(path: Path, data: VAEData, test: Tensor, results: dict[str, dict[str, A
         vae, m = r["vae"], r["metrics"]
         z = vae.posterior(x).sample()
         prior = torch.randn(32, vae.z_dim, device=test.device, generator=generator)
-        units = m["units"]
+        units = m["paper_units"]
         row[0].imshow(grid(shown))
         row[0].set_title(f"{data.name}: test images")
         row[1].imshow(grid(vae.mean_image(z)))
@@ -439,11 +443,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Trains the posterior(s), writes metrics.json and the plot, and prints the table in the paper's units."""
     if args.paper:
         apply_paper_settings(args)
-    for flag, value, least in (("--max-beta", args.max_beta, 1e-12), ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            raise SystemExit(f"error: {flag} must be positive, got {value}")
-    if args.warmup < 0 or (args.is_samples is not None and args.is_samples < 1):
-        raise SystemExit("error: --warmup must be >= 0 and --is-samples >= 1")
     device = resolve_device(args.device, args.threads)
     if args.is_samples is None:
         args.is_samples = 5000 if device.type == "cuda" else 5
@@ -463,7 +462,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     units = "bits/dim" if data.likelihood == "categorical256" else "nats"
     metrics = {
         "dataset": data.name,
-        "units": units,
+        "paper_units": units,  # of paper_neg_elbo and the posteriors' *_paper_units fields
         "paper_neg_elbo": PAPER_NEG_ELBO[data.name],
         "num_train": len(splits["train"]),
         "num_val": len(splits["val"]),
@@ -500,40 +499,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=int, default=5000, help="training images used (0: all)")
-    parser.add_argument("--num-val", type=int, default=1000, help="validation images (0: all)")
-    parser.add_argument("--num-test", type=int, default=500, help="test images (0: all)")
+    parser.add_argument("--num-train", type=non_negative_int, default=5000, help="training images used (0: all)")
+    parser.add_argument("--num-val", type=non_negative_int, default=1000, help="validation images (0: all)")
+    parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
     parser.add_argument("--posterior", choices=[*POSTERIORS, "all"], default="ffjord")
     parser.add_argument("--paper", action="store_true", help="the paper's full setting (overrides the CPU defaults)")
     add_common_args(parser, out="outputs/vae", num_epochs=10)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=5e-4, help="Adamax step size (the paper's)")
-    parser.add_argument("--warmup", type=int, default=3, help="KL warm-up epochs (paper: 100; 0: none)")
-    parser.add_argument("--max-beta", type=float, default=1.0, help="KL weight after the warm-up")
-    parser.add_argument("--patience", type=int, default=35, help="epochs without improvement before stopping")
-    parser.add_argument("--z-dim", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=None, help="of the amortized weights (default: the paper's)")
+    parser.add_argument("--batch-size", type=positive_int, default=100)
+    parser.add_argument("--lr", type=positive_float, default=5e-4, help="Adamax step size (the paper's)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="KL warm-up epochs (paper: 100; 0: none)")
+    parser.add_argument("--max-beta", type=positive_float, default=1.0, help="KL weight after the warm-up")
+    parser.add_argument("--patience", type=positive_int, default=35, help="epochs without improvement before stopping")
+    parser.add_argument("--z-dim", type=positive_int, default=64)
+    parser.add_argument(
+        "--rank", type=positive_int, default=None, help="of the amortized weights (default: the paper's)"
+    )
     parser.add_argument("--hidden-dims", type=parse_ints, default=None, help="CNF widths (default: the paper's)")
-    parser.add_argument("--num-blocks", type=int, default=None, help="stacked CNFs (default: the paper's)")
-    parser.add_argument("--max-width", type=int, default=128, help="cap on the CNF widths (0: none, the paper)")
-    parser.add_argument("--max-rank", type=int, default=8, help="cap on the rank (0: none, the paper)")
+    parser.add_argument("--num-blocks", type=positive_int, default=None, help="stacked CNFs (default: the paper's)")
+    parser.add_argument(
+        "--max-width", type=non_negative_int, default=128, help="cap on the CNF widths (0: none, the paper)"
+    )
+    parser.add_argument("--max-rank", type=non_negative_int, default=8, help="cap on the rank (0: none, the paper)")
     parser.add_argument("--layer", default="concat", help="time conditioning of the CNF layers (the paper's)")
     parser.add_argument("--activation", default="tanh")
-    parser.add_argument("--T", type=float, default=0.5, help="integration time (the paper's)")
+    parser.add_argument("--T", type=positive_float, default=0.5, help="integration time (the paper's)")
     parser.add_argument("--train-T", action="store_true", help="learn T")
     parser.add_argument("--noise", choices=["rademacher", "gaussian"], default="rademacher", help="Hutchinson noise")
     parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
-    parser.add_argument("--train-steps", type=int, default=2, help="fixed-grid steps over [0, T] (0: adaptive)")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="of an adaptive training solver")
-    parser.add_argument("--atol", type=float, default=1e-5, help="of an adaptive training solver")
-    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
-    parser.add_argument("--iaf-layers", type=int, default=4, help="IAF baseline: flows (Sylvester's default)")
-    parser.add_argument("--iaf-hidden", type=int, default=320, help="IAF baseline: MADE width (Sylvester's)")
-    add_evaluation_args(parser, tol=1e-5, max_steps=1000)
-    parser.add_argument("--is-samples", type=int, default=None, help="K of the IS NLL (default: 5000 on GPU, 5 on CPU)")
-    parser.add_argument("--eval-batch-size", type=int, default=100, help="test images per evaluation batch")
     parser.add_argument(
-        "--is-chunk", type=int, default=None, help="latents evaluated at once (default: 5000 on GPU, 500 on CPU)"
+        "--train-steps",
+        type=non_negative_int,
+        default=2,
+        help="fixed-grid steps over the initial T: the step T/n stays as T is learned (0: adaptive)",
+    )
+    parser.add_argument("--rtol", type=positive_float, default=1e-5, help="of an adaptive training solver")
+    parser.add_argument("--atol", type=positive_float, default=1e-5, help="of an adaptive training solver")
+    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
+    parser.add_argument("--iaf-layers", type=positive_int, default=4, help="IAF baseline: flows (Sylvester's default)")
+    parser.add_argument("--iaf-hidden", type=positive_int, default=320, help="IAF baseline: MADE width (Sylvester's)")
+    add_evaluation_args(parser, tol=1e-5, max_steps=1000)
+    parser.add_argument(
+        "--is-samples", type=positive_int, default=None, help="K of the IS NLL (default: 5000 on GPU, 5 on CPU)"
+    )
+    parser.add_argument("--eval-batch-size", type=positive_int, default=100, help="test images per evaluation batch")
+    parser.add_argument(
+        "--is-chunk",
+        type=positive_int,
+        default=None,
+        help="latents evaluated at once (default: 5000 on GPU, 500 on CPU)",
     )
     return parser.parse_args(argv)
 

@@ -248,3 +248,23 @@ def test_toy_resumes_a_checkpoint_of_the_earlier_layout(tmp_path):
     torch.save(checkpoint, path)
     run("toy_2d.py", [*args, "--resume"])  # nothing left to train: restore, evaluate, plot the losses
     assert json.loads((tmp_path / "metrics.json").read_text())["test_nll"] == expected["test_nll"]
+
+
+def test_toy_resume_rejects_foreign_and_damaged_checkpoints(tmp_path):
+    run("toy_2d.py", [*TOY, "--out", str(tmp_path)])
+    other = run_example("toy_2d.py", [*TOY, "--hidden-dims", "16", "--resume", "--out", str(tmp_path)])
+    assert other.returncode != 0 and "Traceback" not in other.stderr
+    assert "holds another model" in other.stderr and "shape" in other.stderr
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    damaged = run_example("toy_2d.py", [*TOY, "--resume", "--out", str(tmp_path)])
+    assert damaged.returncode != 0 and "Traceback" not in damaged.stderr
+    assert "is not a readable checkpoint" in damaged.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--eval-batch-size", "0"), ("-n", "-5"), ("--lr", "nan"), ("--threads", "0")])
+def test_bad_flag_values_fail_at_parse_time(flag, value, tmp_path):
+    result = run_example("toy_2d.py", [*TOY, flag, value, "--out", str(tmp_path)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"argument {flag}" in result.stderr and "must be a positive" in result.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -116,3 +116,17 @@ def test_nan_in_data_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "NaN/inf" in result.stderr and "column(s) [1]" in result.stderr
+
+
+def test_model_all_resumes_after_stopping_during_its_first_model(tmp_path: Path) -> None:
+    """A run of several models stopped during the first: --resume finishes it and starts the others fresh."""
+    table = write_table(tmp_path / "table.csv")
+    args = ["--csv", str(table), *TINY]
+    run([*args, "--model", "ffjord", "--out", str(tmp_path / "ffjord")])  # the first model's folder of an `all` run
+    run([*args, "--model", "all", "--resume", "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["ffjord", "maf", "spline"]
+    assert all(m["steps"] == 4 for m in metrics["models"].values())
+    # the first model still needs its checkpoint: a wrong --out is an error, not a fresh run
+    result = run([*args, "--model", "all", "--resume", "--out", str(tmp_path / "elsewhere")], ok=False)
+    assert result.returncode != 0 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr

@@ -30,23 +30,46 @@ import torch
 import pyro_ffjord as pf
 
 
+def _number_type(convert: Callable[[str], Any], least: float, strict: bool, what: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that converts and checks a flag's value, so that bad values fail at parse time."""
+
+    def check(text: str) -> Any:
+        value = convert(text)
+        if not (value > least if strict else value >= least) or value != value or value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    check.__name__ = what.replace(" ", "_")  # argparse names the type in "invalid ... value" messages
+    return check
+
+
+positive_int = _number_type(int, 0, True, "a positive integer")
+non_negative_int = _number_type(int, 0, False, "a non-negative integer")
+positive_float = _number_type(float, 0.0, True, "a positive number")
+non_negative_float = _number_type(float, 0.0, False, "a non-negative number")
+
+
 def add_common_args(
     parser: argparse.ArgumentParser, out: str, *, num_steps: int | None = None, num_epochs: int | None = None
 ) -> None:
     """Adds the flags every example shares; training is measured in iterations (``-n/--num-steps``, with
     ``--checkpoint-every``) or, given ``num_epochs``, in epochs (``-n/--num-epochs``, a checkpoint each epoch)."""
     if num_epochs is not None:
-        parser.add_argument("-n", "--num-epochs", type=int, default=num_epochs, help="training epochs")
+        parser.add_argument("-n", "--num-epochs", type=positive_int, default=num_epochs, help="training epochs")
     else:
-        parser.add_argument("-n", "--num-steps", type=int, default=num_steps, help="training iterations")
-        parser.add_argument("--checkpoint-every", type=int, default=100, help="iterations between checkpoints")
+        parser.add_argument("-n", "--num-steps", type=positive_int, default=num_steps, help="training iterations")
+        parser.add_argument("--checkpoint-every", type=positive_int, default=100, help="iterations between checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default=out, help="folder for checkpoint, log and plot")
     parser.add_argument("--plot", default=None, help="PNG path (default: <out>/<name>.png)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/checkpoint.pt (a larger -n extends the run; a cosine schedule then spans the new -n)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
     add_fault_args(parser)
 
 
@@ -59,9 +82,15 @@ def add_evaluation_args(parser: argparse.ArgumentParser, tol: float, max_steps: 
     """Flags of the solver behind every reported number (adaptive; exact trace unless ``divergence`` says
     otherwise, e.g. for images, where D vector-Jacobian products per evaluation are too many)."""
     parser.add_argument("--eval-method", default="dopri5", help="adaptive torchdiffeq solver for evaluation")
-    parser.add_argument("--eval-rtol", type=float, default=tol, help="relative tolerance of the evaluation solves")
-    parser.add_argument("--eval-atol", type=float, default=tol, help="absolute tolerance of the evaluation solves")
-    parser.add_argument("--eval-max-steps", type=int, default=max_steps, help="step budget of the evaluation solves")
+    parser.add_argument(
+        "--eval-rtol", type=positive_float, default=tol, help="relative tolerance of the evaluation solves"
+    )
+    parser.add_argument(
+        "--eval-atol", type=positive_float, default=tol, help="absolute tolerance of the evaluation solves"
+    )
+    parser.add_argument(
+        "--eval-max-steps", type=positive_int, default=max_steps, help="step budget of the evaluation solves"
+    )
     parser.add_argument(
         "--eval-divergence",
         choices=["exact", "hutchinson"],
@@ -132,8 +161,8 @@ def init_distributed(device: torch.device, distributed: bool) -> Processes:
     return Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Writes ``obj`` with ``torch.save`` to a temporary file, then renames it over ``path``.
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Calls ``write`` on a temporary binary file, syncs it to disk, then renames it over ``path``.
 
     A crash at any moment leaves either the old or the new file, never a truncated one.
     """
@@ -141,13 +170,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, partial(torch.save, obj))
 
 
 def rng_state() -> dict[str, Any]:
@@ -184,7 +218,17 @@ def load_checkpoint(path: Path, optimizer: pyro.optim.PyroOptim, device: torch.d
     """Restores what :func:`save_checkpoint` wrote; returns the whole checkpoint dict."""
     if not path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location=device, weights_only=False)
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated by hand, another file, ...: what torch.load raises varies
+        raise SystemExit(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    current = dict(pyro.get_param_store().named_parameters())
+    for name, saved in state["param_store"]["params"].items():
+        if name in current and saved.shape != current[name].shape:
+            raise SystemExit(
+                f"--resume: {path} holds another model: {name} has shape {tuple(saved.shape)} there and "
+                f"{tuple(current[name].shape)} here; resume with the flags it was trained with"
+            )
     if "state" not in state and "losses" in state:  # the toy and images loops' layout before run_steps
         state["state"] = loop_state(state.pop("losses"))
     pyro.get_param_store().set_state(state["param_store"])
@@ -225,10 +269,8 @@ class CSVLog:
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     """Writes ``obj`` as JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2).encode()
+    _atomic_write(path, lambda f: f.write(text))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,9 +291,9 @@ def add_fault_args(parser: argparse.ArgumentParser) -> None:
         "of the last good state, restore it and halve the learning rate, or reload the last checkpoint and "
         "continue with other data/noise seeds",
     )
-    parser.add_argument("--max-retries", type=int, default=3, help="recoveries allowed before stopping")
+    parser.add_argument("--max-retries", type=non_negative_int, default=3, help="recoveries allowed before stopping")
     parser.add_argument(
-        "--max-num-steps", type=int, default=1000, help="solver steps allowed per training solve (step budget)"
+        "--max-num-steps", type=positive_int, default=1000, help="solver steps allowed per training solve (step budget)"
     )
 
 
@@ -382,6 +424,12 @@ def record_validation(
     elif count:
         state["bad_evals"] += 1
     state["stopped"] = state["bad_evals"] >= patience
+
+
+def resuming(args: argparse.Namespace, checkpoint: Path, later_model: bool) -> bool:
+    """Whether a model resumes from ``checkpoint``: with ``--resume``, except a later model of a run of
+    several that had not started when the run stopped (it has no checkpoint yet, so it starts fresh)."""
+    return args.resume and not (later_model and not checkpoint.is_file())
 
 
 def resume_command(argv: list[str] | None = None) -> str:
