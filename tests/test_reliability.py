@@ -268,3 +268,9 @@ def test_bad_flag_values_fail_at_parse_time(flag, value, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"argument {flag}" in result.stderr and "must be a positive" in result.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_unknown_device_is_a_clear_error(tmp_path):
+    result = run_example("toy_2d.py", [*TOY, "--device", "gpu", "--out", str(tmp_path)])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--device gpu: expected cpu, cuda or cuda:N" in result.stderr

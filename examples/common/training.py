@@ -124,7 +124,10 @@ def resolve_device(name: str, threads: int | None = None) -> torch.device:
     """``torch.device(name)``, with a clear error when CUDA is asked for but absent; sets CPU threads."""
     if threads is not None:
         torch.set_num_threads(threads)
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine")
     return device
