@@ -53,6 +53,7 @@ from common.training import (  # noqa: E402
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
+    add_train_steps_arg,
     early_stopping_state,
     evaluation_solver,
     load_checkpoint,
@@ -63,6 +64,7 @@ from common.training import (  # noqa: E402
     resolve_device,
     resuming,
     train_batches,
+    train_grid,
     write_json,
 )
 
@@ -147,7 +149,7 @@ def build_flow(name: str, dim: int, args: argparse.Namespace, device: torch.devi
                 train_T=not args.fixed_T,
                 divergence="hutchinson",
                 method=args.train_method,
-                options={"step_size": args.T / args.train_steps} if args.train_steps else None,
+                options=train_grid(args),
                 rtol=args.rtol,
                 atol=args.atol,
                 adjoint=args.adjoint,
@@ -477,12 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
     parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
     parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
-    parser.add_argument(
-        "--train-steps",
-        type=non_negative_int,
-        default=4,
-        help="fixed-grid steps over the initial T: the step T/n stays as T is learned (0: adaptive)",
-    )
+    add_train_steps_arg(parser, default=4)
     parser.add_argument(
         "--atol", type=positive_float, default=1e-5, help="of an adaptive training solver (paper: 1e-8)"
     )

@@ -33,15 +33,16 @@ from common.training import (  # noqa: E402
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
+    add_train_steps_arg,
     evaluation_solver,
     load_checkpoint,
     loop_state,
     non_negative_float,
-    non_negative_int,
     parse_ints,
     positive_float,
     positive_int,
     resolve_device,
+    train_grid,
     write_json,
 )
 
@@ -58,7 +59,7 @@ def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
             train_T=not args.fixed_T,
             divergence=args.divergence,
             method=args.train_method or ("rk4" if args.train_steps else "dopri5"),
-            options={"step_size": args.T / args.train_steps} if args.train_steps else None,
+            options=train_grid(args),
             rtol=args.tol,
             atol=args.tol,
             adjoint=args.adjoint,
@@ -242,12 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train-method", default=None, help="training solver (default: rk4, or dopri5 with --train-steps 0)"
     )
-    parser.add_argument(
-        "--train-steps",
-        type=non_negative_int,
-        default=4,
-        help="fixed-grid steps over the initial T: the step T/n stays as T is learned (0: adaptive)",
-    )
+    add_train_steps_arg(parser, default=4)
     parser.add_argument("--tol", type=positive_float, default=1e-5, help="rtol=atol of an adaptive training solver")
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
     parser.add_argument("--kinetic", type=non_negative_float, default=0.0, help="RNODE kinetic-energy weight")

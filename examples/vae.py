@@ -56,6 +56,7 @@ from common.training import (  # noqa: E402
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
+    add_train_steps_arg,
     early_stopping_state,
     evaluation_solver,
     load_checkpoint,
@@ -67,6 +68,7 @@ from common.training import (  # noqa: E402
     resolve_device,
     resuming,
     train_batches,
+    train_grid,
     write_json,
 )
 
@@ -221,7 +223,7 @@ def build_flows(name: str, args: argparse.Namespace) -> list[nn.Module]:
         train_T=args.train_T,
         noise=args.noise,
         method=args.train_method,
-        options={"step_size": args.T / args.train_steps} if args.train_steps else None,
+        options=train_grid(args),
         rtol=args.rtol,
         atol=args.atol,
         adjoint=args.adjoint,
@@ -536,12 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-T", action="store_true", help="learn T")
     parser.add_argument("--noise", choices=["rademacher", "gaussian"], default="rademacher", help="Hutchinson noise")
     parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
-    parser.add_argument(
-        "--train-steps",
-        type=non_negative_int,
-        default=2,
-        help="fixed-grid steps over the initial T: the step T/n stays as T is learned (0: adaptive)",
-    )
+    add_train_steps_arg(parser, default=2)
     parser.add_argument("--rtol", type=positive_float, default=1e-5, help="of an adaptive training solver")
     parser.add_argument("--atol", type=positive_float, default=1e-5, help="of an adaptive training solver")
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")

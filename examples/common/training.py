@@ -73,6 +73,21 @@ def add_common_args(
     add_fault_args(parser)
 
 
+def add_train_steps_arg(parser: argparse.ArgumentParser, default: int) -> None:
+    """``--train-steps n``: a fixed-grid training solver with steps of T₀/n in units of t, or adaptive for 0."""
+    parser.add_argument(
+        "--train-steps",
+        type=non_negative_int,
+        default=default,
+        help="fixed-grid steps over the initial T: the step T/n stays as T is learned (0: adaptive)",
+    )
+
+
+def train_grid(args: argparse.Namespace) -> dict[str, float] | None:
+    """The torchdiffeq options of ``--train-steps``: a step of T₀/n, or None for an adaptive solver."""
+    return {"step_size": args.T / args.train_steps} if args.train_steps else None
+
+
 def parse_ints(text: str) -> tuple[int, ...]:
     """``"64,64,64"`` -> ``(64, 64, 64)``, for flags of layer widths."""
     return tuple(int(w) for w in text.split(","))
