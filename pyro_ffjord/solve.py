@@ -25,6 +25,8 @@ _ADAMS_STARTUP_EVALS = 3
 _INITIAL_STEP_EVALS = 2
 # Arguments of the solvers' constructors that are not user options.
 _NOT_OPTIONS = {"self", "func", "y0", "rtol", "atol", "dtype"}
+# Arguments a solver class passes to its base class itself, so that a user value would clash.
+_SET_BY_SOLVER = {AdamsBashforth: {"implicit"}}
 # Options in units of the solver's time (torchdiffeq 0.2.5's constructors): step lengths, and lists of times.
 TIME_STEP_OPTIONS = ("step_size", "first_step", "min_step", "max_step")
 TIME_POINT_OPTIONS = ("step_t", "jump_t")
@@ -45,8 +47,9 @@ def is_fixed_grid(method: str) -> bool:
 
 def allowed_options(method: str) -> set[str]:
     """Option names that torchdiffeq's ``method`` accepts, read off its constructors."""
-    names = {"norm"}
+    names, fixed = {"norm"}, set()
     for cls in SOLVERS[method].__mro__:
+        fixed |= _SET_BY_SOLVER.get(cls, set())
         init = cls.__dict__.get("__init__")
         if init is not None:
             # *args and **kwargs (object's, or those forwarded to a base class) name no option
@@ -55,7 +58,7 @@ def allowed_options(method: str) -> set[str]:
                 for name, parameter in inspect.signature(init).parameters.items()
                 if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
             )
-    return names - _NOT_OPTIONS
+    return names - _NOT_OPTIONS - fixed
 
 
 def check_solver_options(method: str, rtol: float, atol: float, options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -198,3 +198,9 @@ def test_net_output_shape_is_checked(divergence, grad):
     t = pf.FFJORD(WrongShape(), 2, divergence=divergence, method="rk4", options={"step_size": 0.25})
     with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"net WrongShape .*\(5, 2\).*\(5, 3\)"):
         t.inv(torch.randn(5, 2))
+
+
+def test_options_a_solver_sets_itself_are_not_options():
+    assert "implicit" in allowed_options("implicit_adams") and "implicit" not in allowed_options("explicit_adams")
+    with pytest.raises(ValueError, match=r"options has names \['implicit'\] unknown to method 'explicit_adams'"):
+        pf.ffjord(2, method="explicit_adams", options={"step_size": 0.25, "implicit": True})
