@@ -520,7 +520,7 @@ def measure_exact_cost(w: Workload, args: argparse.Namespace) -> dict[str, Any]:
     x = batch(w, args.batch_size or w.batch_size, args.seed, device)
     results: dict[str, Any] = {}
     for name in ("pf_hutchinson", "reference"):
-        model = build(name, w, device, args.seed, args.rnode)
+        model = build(name, w, device, args.seed)
         row = {}
         for mode, context in (("hutchinson", nullcontext), ("exact", model.evaluation)):
             with torch.no_grad(), context():
