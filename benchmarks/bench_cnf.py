@@ -7,6 +7,11 @@ Every contender sees the same data, network size, solver and tolerances in one p
 * ``pf_rnode``: as ``pf_hutchinson`` with the RNODE penalties (kinetic energy and Jacobian norm,
   ``--rnode`` each, 0.01 by default), which keep the learned dynamics easy to integrate (fewer
   steps at equal tolerance);
+* ``pf_backprop``: as ``pf_hutchinson`` but differentiated by backpropagation through the solver's
+  steps (``adjoint=False``: the exact gradient of the discretized solve, memory growing with NFE);
+* ``pf_compiled`` / ``pf_compiled_adjoint``: ``pf_backprop`` / ``pf_hutchinson`` with the dynamics
+  compiled (``compile=True``, backend ``--compile-backend``; the compilation happens in the warm-up
+  steps, reported as ``warmup_seconds``, before the timed steps and the race);
 * ``pf_fast``: pyro_ffjord in the toy example's solver configuration: fixed-grid rk4 with steps of
   T_END/4 in units of t (more as the learned T grows), learned T, exact trace at D=2 and Hutchinson's
   above, no adjoint; evaluated with the same adaptive exact solve as the others;
@@ -359,6 +364,9 @@ CONTENDERS: dict[str, str] = {
     "pf_hutchinson": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint",
     "pf_exact": "(a) pyro_ffjord, exact trace, dopri5, adjoint",
     "pf_rnode": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint, RNODE (--rnode)",
+    "pf_backprop": "(a) pyro_ffjord, Hutchinson, dopri5, backprop through the solver",
+    "pf_compiled": "(a) pyro_ffjord, Hutchinson, dopri5, backprop through the solver, compiled dynamics",
+    "pf_compiled_adjoint": "(a) pyro_ffjord, Hutchinson, dopri5, adjoint, compiled dynamics",
     "pf_fast": f"(a) pyro_ffjord, rk4 x{FAST_STEPS}, learned T, no adjoint (toy config)",
     "reference": "(b) reference-style FFJORD, Hutchinson, dopri5, adjoint",
     "zuko": "(c) zuko.flows.CNF, Hutchinson, dopri5, ACA adjoint",
@@ -367,11 +375,21 @@ CONTENDERS: dict[str, str] = {
 }
 
 
-def build(name: str, w: Workload, device: torch.device, seed: int, rnode: float = 0.01) -> Contender:
-    """Builds contender ``name`` with the weights drawn from ``seed`` (``rnode``: pf_rnode's penalty weights)."""
+def build(
+    name: str, w: Workload, device: torch.device, seed: int, rnode: float = 0.01, compile_backend: str = "inductor"
+) -> Contender:
+    """Builds contender ``name`` with the weights drawn from ``seed`` (``rnode``: pf_rnode's penalty weights,
+    ``compile_backend``: the ``torch.compile`` backend of the compiled contenders)."""
     torch.manual_seed(seed)
+    compiled = {"backend": compile_backend}
     if name == "pf_hutchinson":
         model = PyroFFJORD(w)
+    elif name == "pf_backprop":
+        model = PyroFFJORD(w, adjoint=False)
+    elif name == "pf_compiled":
+        model = PyroFFJORD(w, adjoint=False, compile=compiled)
+    elif name == "pf_compiled_adjoint":
+        model = PyroFFJORD(w, compile=compiled)
     elif name == "pf_exact":
         model = PyroFFJORD(w, divergence="exact")
     elif name == "pf_rnode":
@@ -463,9 +481,11 @@ def measure_contender(name: str, w: Workload, args: argparse.Namespace) -> dict[
     """Timing, NFE and peak memory from a common initialization, then the fixed-budget NLL race."""
     device = torch.device(args.device)
     batch_size = args.batch_size or w.batch_size
-    model = build(name, w, device, args.seed, args.rnode)
+    model = build(name, w, device, args.seed, args.rnode, args.compile_backend)
     optimizer = torch.optim.Adam(model.module.parameters(), lr=args.lr)
-    train_step(model, optimizer, batch(w, 4, args.seed - 1, device))  # one-time allocations
+    start = time.perf_counter()
+    train_step(model, optimizer, batch(w, 4, args.seed - 1, device))  # one-time allocations (and compilation)
+    warmup = time.perf_counter() - start
     seconds, forward, backward = [], [], []
     with PeakMemory(device) as memory:
         for i in range(args.timing_iters + 1):
@@ -474,13 +494,15 @@ def measure_contender(name: str, w: Workload, args: argparse.Namespace) -> dict[
             start = time.perf_counter()
             train_step(model, optimizer, x)
             _sync(device)
-            if i:  # the first full-size step is a warm-up
+            if not i:  # the first full-size step is a warm-up (a compiled net recompiles for dynamic shapes)
+                warmup += time.perf_counter() - start
+            else:
                 seconds.append(time.perf_counter() - start)
                 nfe = model.nfe()
                 forward.append(nfe[0])
                 backward.append(nfe[1])
 
-    model = build(name, w, device, args.seed, args.rnode)
+    model = build(name, w, device, args.seed, args.rnode, args.compile_backend)
     optimizer = torch.optim.Adam(model.module.parameters(), lr=args.lr)
     iters, loss, elapsed, race_forward, race_backward = 0, math.nan, 0.0, [], []
     start = time.perf_counter()
@@ -499,6 +521,7 @@ def measure_contender(name: str, w: Workload, args: argparse.Namespace) -> dict[
     nll, eval_nfe = test_nll(model, test)
     return {
         "description": CONTENDERS[name],
+        "warmup_seconds": warmup,
         "sec_per_iter": statistics.median(seconds),
         "nfe_forward": _mean(forward),
         "nfe_backward": _mean(backward),
@@ -607,8 +630,8 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 def print_report(results: dict[str, Any]) -> None:
     """Prints the markdown tables of ``results``."""
     header = (
-        "| contender | sec/iter @init | ×(b) | NFE @init | peak MiB | ×(b) | iters in budget | sec/iter in race "
-        "| ×(b) | mean NFE in race | test NLL | −(b) | eval NFE |"
+        "| contender | warm-up s | sec/iter @init | ×(b) | NFE @init | peak MiB | ×(b) | iters in budget "
+        "| sec/iter in race | ×(b) | mean NFE in race | test NLL | −(b) | eval NFE |"
     )
     for name, workload in results["workloads"].items():
         print(f"\n### {name} (true NLL {workload['true_nll']:.3f}, budget {results['config']['budget']} s)\n")
@@ -621,7 +644,8 @@ def print_report(results: dict[str, Any]) -> None:
             nfe = f"{_fmt(r['nfe_forward'], '.0f')}/{_fmt(r['nfe_backward'], '.0f')}"
             race_nfe = f"{_fmt(r['race_nfe_forward'], '.0f')}/{_fmt(r['race_nfe_backward'], '.0f')}"
             print(
-                f"| {key} | {r['sec_per_iter']:.4f} | {_fmt(r.get('sec_per_iter_vs_ref'), '.2f')} | {nfe} "
+                f"| {key} | {r['warmup_seconds']:.1f} | {r['sec_per_iter']:.4f} "
+                f"| {_fmt(r.get('sec_per_iter_vs_ref'), '.2f')} | {nfe} "
                 f"| {r['peak_memory_mib']:.1f} | {_fmt(r.get('memory_vs_ref'), '.2f')} | {r['race_iters']} "
                 f"| {r['race_sec_per_iter']:.4f} | {_fmt(r.get('race_sec_per_iter_vs_ref'), '.2f')} | {race_nfe} "
                 f"| {r['test_nll']:.3f} | {_fmt(r.get('test_nll_minus_ref'), '+.3f')} "
@@ -709,6 +733,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rnode", type=float, default=0.01, help="pf_rnode's kinetic and Jacobian penalty weights")
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of pf_compiled and pf_compiled_adjoint"
+    )
     return parser.parse_args(argv)
 
 

@@ -15,11 +15,13 @@ any weight; a fixed :math:`T` is integrated over :math:`[0, T]` as it is. Solver
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
+import torch._functorch.config
 from torch import Tensor, nn
 from torchdiffeq._impl.misc import _mixed_norm
 
@@ -49,6 +51,30 @@ from .solve import (
 _STEP_COUNT_RTOL = 1e-6
 
 SOLVER_SETTINGS = ("divergence", "noise", "method", "rtol", "atol", "options", "adjoint", "max_num_steps")
+
+_COMPILE_ARGUMENTS = tuple(name for name in inspect.signature(torch.compile).parameters if name != "model")
+
+
+def _check_compile(compile: bool | Mapping[str, Any], net: nn.Module) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments for the net's ``forward_and_jacobian``; None: run it eagerly."""
+    if isinstance(compile, bool):
+        arguments = {} if compile else None
+    elif isinstance(compile, Mapping):
+        arguments = dict(compile)
+        unknown = set(arguments) - set(_COMPILE_ARGUMENTS)
+        if unknown:
+            raise ValueError(
+                f"compile has unknown torch.compile arguments {sorted(unknown)}; allowed: {list(_COMPILE_ARGUMENTS)}"
+            )
+    else:
+        raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
+    if arguments is not None and not callable(getattr(net, "forward_and_jacobian", None)):
+        raise ValueError(
+            f"compile needs a net with forward_and_jacobian (ODENet, AmortizedLowRankODENet, ConvODENet); "
+            f"{type(net).__name__} has none, and its autograd divergence needs a double backward, which "
+            "torch.compile does not support"
+        )
+    return arguments
 
 
 def _density_error_norm(state: tuple[Tensor, ...]) -> Tensor:
@@ -125,8 +151,8 @@ class CNFDynamics:
         z = state[0]
         t = s * self.T if self.rescaled else s
         context = () if self.context is None else (self.context,)
-        forward_and_jacobian = getattr(self.flow.net, "forward_and_jacobian", None)
-        if forward_and_jacobian is not None:
+        if hasattr(self.flow.net, "forward_and_jacobian"):
+            forward_and_jacobian = self.flow._forward_and_jacobian
             # forward mode: an ordinary graph (none at all under no_grad), no create_graph, no double backward
             if self.noise is None:
                 f, jacobian = forward_and_jacobian(t, z, *context)
@@ -174,6 +200,11 @@ class ContinuousFlow(nn.Module):
         adjoint: gradients from the adjoint ODE (memory flat in the number of steps).
         max_num_steps: solver steps allowed per solve before :class:`ODESolveError`.
         regularization: RNODE weights, e.g. ``{"kinetic": 0.01, "jacobian": 0.01}``.
+        compile: run the net's ``forward_and_jacobian`` (the whole evaluation but the solver's
+            arithmetic) through ``torch.compile``: True, or a dict of its arguments (e.g.
+            ``{"mode": "max-autotune"}``). Compiled on the first solve; instances of one net class
+            share the compiled code. Turns off torch's donated buffers (a memory saving of compiled
+            backward passes that forbids the adjoint's ``retain_graph=True``) for the process.
     """
 
     def __init__(
@@ -193,6 +224,7 @@ class ContinuousFlow(nn.Module):
         adjoint: bool = True,
         max_num_steps: int = 1000,
         regularization: Mapping[str, float] | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -215,6 +247,8 @@ class ContinuousFlow(nn.Module):
         for name, weight in regularization.items():
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
                 raise ValueError(f"regularization[{name!r}] must be a non-negative number, got {weight!r}")
+        self.compile_arguments = _check_compile(compile, net)
+        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
         self.net = net
         self.input_dim = input_dim
         self.context_dim = context_dim
@@ -274,6 +308,20 @@ class ContinuousFlow(nn.Module):
         if self._last_solve is None:
             return NFE(0, 0)
         return NFE(self._last_solve.nfe_forward, self._last_solve.nfe_backward)
+
+    def _forward_and_jacobian(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """``net.forward_and_jacobian(*args, **kwargs)``, compiled if ``compile`` was set."""
+        if self.compile_arguments is None:
+            return self.net.forward_and_jacobian(*args, **kwargs)
+        if self._compiled is None:
+            # torchdiffeq's adjoint differentiates with retain_graph=True, which compiled backwards that
+            # donate their saved buffers (torch >= 2.6) refuse; the flag is also read in the backward pass,
+            # outside any call of ours, so it is cleared for the process.
+            if hasattr(torch._functorch.config, "donated_buffer"):
+                torch._functorch.config.donated_buffer = False
+            # The unbound method takes the net as an argument: a deep copy of the flow runs its own net.
+            self._compiled = torch.compile(type(self.net).forward_and_jacobian, **self.compile_arguments)
+        return self._compiled(self.net, *args, **kwargs)
 
     def regularization_loss(self) -> Tensor:
         """Weighted RNODE terms of the last solve, averaged over its batch (0 when none)."""

@@ -255,7 +255,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         activation: nonlinearity of the conv nets, see :data:`~pyro_ffjord.nets.ACTIVATIONS`.
         alpha: the :class:`LogitTransform`'s :math:`\alpha`.
         **options: CNF options of every block: ``T``, ``train_T``, ``divergence``, ``noise``, ``method``,
-            ``rtol``, ``atol``, ``options``, ``adjoint``, ``max_num_steps``, ``regularization``
+            ``rtol``, ``atol``, ``options``, ``adjoint``, ``max_num_steps``, ``regularization``, ``compile``
             (see :class:`~pyro_ffjord.dynamics.ContinuousFlow`).
 
     Example:

@@ -202,7 +202,7 @@ class FFJORD(_CNFTransform, TransformModule):
         net: dynamics ``f(t, z)``, e.g. :class:`~pyro_ffjord.nets.ODENet`.
         input_dim: dimension of the event.
         **options: ``T``, ``train_T``, ``divergence``, ``noise``, ``method``, ``rtol``, ``atol``,
-            ``options``, ``adjoint``, ``max_num_steps``, ``regularization``
+            ``options``, ``adjoint``, ``max_num_steps``, ``regularization``, ``compile``
             (see :class:`~pyro_ffjord.dynamics.ContinuousFlow`).
 
     Example:

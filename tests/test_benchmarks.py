@@ -49,11 +49,12 @@ def test_reference_matches_pyro_ffjord_at_equal_weights():
 
 
 def test_bench_cnf_smoke(tmp_path):
-    """Every contender on the 2-D workload with a 2-second budget and tiny batches, plus the D=16 extras."""
+    """Every contender on the 2-D workload with a 2-second budget and tiny batches, plus the D=16 extras
+    (compiled contenders traced with ``aot_eager``: no C++ compilation in the smoke test)."""
     bench = _load_bench()
     out = tmp_path / "bench.json"
     command = [sys.executable, str(BENCH), "--workloads", "toy2d", "--budget", "2", "--timing-iters", "1"]
-    command += ["--batch-size", "64", "--num-test", "256", "--out", str(out)]
+    command += ["--batch-size", "64", "--num-test", "256", "--compile-backend", "aot_eager", "--out", str(out)]
     run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert run.returncode == 0, run.stdout
     results = json.loads(out.read_text())
