@@ -53,6 +53,7 @@ from common.training import (  # noqa: E402
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
+    compile_option,
     evaluation_solver,
     init_distributed,
     load_checkpoint,
@@ -89,6 +90,7 @@ def build_flow(args: argparse.Namespace, shape: tuple[int, int, int]) -> pf.Mult
         adjoint=args.adjoint,
         max_num_steps=args.max_num_steps,
         regularization=regularization,
+        compile=compile_option(args),
     )
 
 

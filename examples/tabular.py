@@ -54,6 +54,7 @@ from common.training import (  # noqa: E402
     add_common_args,
     add_evaluation_args,
     add_train_steps_arg,
+    compile_option,
     early_stopping_state,
     evaluation_solver,
     load_checkpoint,
@@ -154,6 +155,7 @@ def build_flow(name: str, dim: int, args: argparse.Namespace, device: torch.devi
                 atol=args.atol,
                 adjoint=args.adjoint,
                 max_num_steps=args.max_num_steps,
+                compile=compile_option(args),
             )
             transforms.append(layer)
         elif name == "maf":

@@ -34,6 +34,7 @@ from common.training import (  # noqa: E402
     add_common_args,
     add_evaluation_args,
     add_train_steps_arg,
+    compile_option,
     evaluation_solver,
     load_checkpoint,
     loop_state,
@@ -65,6 +66,7 @@ def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
             adjoint=args.adjoint,
             max_num_steps=args.max_num_steps,
             regularization=regularization,
+            compile=compile_option(args),
         )
         for _ in range(args.num_blocks)
     ]

@@ -57,6 +57,7 @@ from common.training import (  # noqa: E402
     add_common_args,
     add_evaluation_args,
     add_train_steps_arg,
+    compile_option,
     early_stopping_state,
     evaluation_solver,
     load_checkpoint,
@@ -230,6 +231,7 @@ def build_flows(name: str, args: argparse.Namespace) -> list[nn.Module]:
         max_num_steps=args.max_num_steps,
         layer=args.layer,
         activation=args.activation,
+        compile=compile_option(args),
     )
     if name == "ffjord":
         make = partial(pf.amortized_ffjord, args.z_dim, FEATURES, settings.hidden_dims, settings.rank, **options)

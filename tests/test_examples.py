@@ -191,3 +191,11 @@ def test_images_on_cifar10_layout_with_three_scales(tmp_path):
     assert (tmp_path / "out" / "cifar10_samples.png").is_file()
     missing = run("images.py", [*args, "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path)], ok=False)
     assert missing.returncode != 0 and "cifar-10-batches-py/data_batch_1" in missing.stderr
+
+
+def test_toy_with_compiled_dynamics_gives_the_eager_result(tmp_path):
+    """``--compile aot_eager`` traces the nets through torch.compile (no C++ compiler needed)."""
+    run("toy_2d.py", [*TINY["toy_2d.py"], "--out", str(tmp_path / "eager")])
+    run("toy_2d.py", [*TINY["toy_2d.py"], "--compile", "aot_eager", "--out", str(tmp_path / "compiled")])
+    eager, compiled = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("eager", "compiled"))
+    assert math.isclose(compiled["test_nll"], eager["test_nll"], rel_tol=1e-5)

@@ -70,7 +70,21 @@ def add_common_args(
     )
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="compile the CNF dynamics with torch.compile, at the first solve (backend: inductor, which needs a "
+        "C++ compiler on CPU; cudagraphs on GPUs; aot_eager to check tracing)",
+    )
     add_fault_args(parser)
+
+
+def compile_option(args: argparse.Namespace) -> dict[str, str] | bool:
+    """The CNFs' ``compile=`` option from ``--compile [BACKEND]``."""
+    return {"backend": args.compile} if args.compile else False
 
 
 def add_train_steps_arg(parser: argparse.ArgumentParser, default: int) -> None:
