@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 step toy 60 python examples/toy_2d.py --device cuda -n 300 --no-progress --out "$work/toy"
-step vae_ffjord 150 python examples/vae.py --device cuda --num-train 0 --num-val 0 --num-test 1000 -n 2 \
+step vae_ffjord 120 python examples/vae.py --device cuda --num-train 0 --num-val 0 --num-test 1000 -n 2 \
     --warmup 1 --max-width 0 --max-rank 0 --is-samples 100 --no-progress --out "$work/vae_ffjord"
 step vae_gaussian 60 python examples/vae.py --device cuda --num-train 0 --num-val 0 --num-test 1000 -n 2 \
     --warmup 1 --posterior gaussian --is-samples 100 --no-progress --out "$work/vae_gaussian"
@@ -33,7 +33,7 @@ step images 60 python examples/images.py --device cuda -n 100 --num-test 1000 --
     --out "$work/images"
 step images_nccl 40 torchrun --standalone --nproc_per_node=1 examples/images.py --distributed --device cuda -n 20 \
     --num-test 200 --no-progress --out "$work/images_nccl"
-step bench 150 python benchmarks/bench_cnf.py --device cuda --budget 10 --workloads toy2d --out "$out/bench.json"
+step bench 200 python benchmarks/bench_cnf.py --device cuda --budget 10 --workloads toy2d --out "$out/bench.json"
 
 for run in toy vae_ffjord vae_gaussian images; do
     [ -f "$work/$run/metrics.json" ] && cp "$work/$run/metrics.json" "$out/$run.json"

@@ -7,12 +7,15 @@ AOTAutograd like inductor does, without generating C++; the slow test uses induc
 
 import copy
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 from torch import nn
 
 import pyro_ffjord as pf
+from pyro_ffjord import AutoFFJORD
 from pyro_ffjord.dynamics import ContinuousFlow
 
 TRACE_ONLY = {"backend": "aot_eager"}
@@ -125,3 +128,26 @@ def test_inductor_compiled_training_step_matches_eager(float64, adjoint):
         return pf.ffjord(2, hidden_dims=(16, 16), adjoint=adjoint, **compile)
 
     _assert_same(*_twins(make, True), torch.randn(32, 2))
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_autoffjord_with_compiled_dynamics_gives_the_eager_elbo_and_gradients(float64, adjoint):
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    results = []
+    for compile in (False, TRACE_ONLY):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        guide = AutoFFJORD(model, hidden_dims=(8,), adjoint=adjoint, compile=compile)
+        loss = Trace_ELBO().differentiable_loss(model, guide)
+        params = dict(guide.named_parameters())
+        grads = torch.autograd.grad(loss, list(params.values()))
+        flows = [m for m in guide.modules() if isinstance(m, ContinuousFlow)]
+        assert flows and all((flow._compiled is not None) == bool(compile) for flow in flows)
+        results.append((loss, dict(zip(params, grads))))
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, loss)
+    assert compiled_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(compiled_grads[name], grads[name])
