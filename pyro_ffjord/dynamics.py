@@ -53,6 +53,10 @@ _STEP_COUNT_RTOL = 1e-6
 SOLVER_SETTINGS = ("divergence", "noise", "method", "rtol", "atol", "options", "adjoint", "max_num_steps")
 
 _COMPILE_ARGUMENTS = tuple(name for name in inspect.signature(torch.compile).parameters if name != "model")
+# Every ODENet-like class shares one compiled-code cache (dynamo's is per code object), with an entry per
+# weight shape, grad mode and tangents-or-not: torch's default of 8 entries would send a multiscale
+# model's later blocks back to eager code.
+_RECOMPILE_LIMIT = 64
 
 
 def _check_compile(compile: bool | Mapping[str, Any], net: nn.Module) -> dict[str, Any] | None:
@@ -68,13 +72,30 @@ def _check_compile(compile: bool | Mapping[str, Any], net: nn.Module) -> dict[st
             )
     else:
         raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
-    if arguments is not None and not callable(getattr(net, "forward_and_jacobian", None)):
+    if arguments is None:
+        return None
+    if not callable(getattr(type(net), "forward_and_jacobian", None)):
         raise ValueError(
-            f"compile needs a net with forward_and_jacobian (ODENet, AmortizedLowRankODENet, ConvODENet); "
-            f"{type(net).__name__} has none, and its autograd divergence needs a double backward, which "
-            "torch.compile does not support"
+            f"compile needs a net class with a forward_and_jacobian method (ODENet, AmortizedLowRankODENet, "
+            f"ConvODENet); {type(net).__name__} has none, and its autograd divergence needs a double backward, "
+            "which torch.compile does not support"
         )
+    if "recompile_limit" in _COMPILE_ARGUMENTS:
+        arguments.setdefault("recompile_limit", _RECOMPILE_LIMIT)
     return arguments
+
+
+def _compile_forward_and_jacobian(net: nn.Module, arguments: dict[str, Any]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``type(net).forward_and_jacobian`` through ``torch.compile`` (lazy: the code is built at the first call).
+
+    The unbound method takes the net as an argument, so that a copy of a flow runs its own net.
+    """
+    # torchdiffeq's adjoint differentiates with retain_graph=True, which compiled backwards that donate
+    # their saved buffers (torch >= 2.6) refuse; the flag is also read in the backward pass, outside any
+    # call of ours, so it is cleared for the process.
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
+    return torch.compile(type(net).forward_and_jacobian, **arguments)
 
 
 def _density_error_norm(state: tuple[Tensor, ...]) -> Tensor:
@@ -203,8 +224,10 @@ class ContinuousFlow(nn.Module):
         compile: run the net's ``forward_and_jacobian`` (the whole evaluation but the solver's
             arithmetic) through ``torch.compile``: True, or a dict of its arguments (e.g.
             ``{"mode": "max-autotune"}``). Compiled on the first solve; instances of one net class
-            share the compiled code. Turns off torch's donated buffers (a memory saving of compiled
-            backward passes that forbids the adjoint's ``retain_graph=True``) for the process.
+            share the compiled code (up to 64 variants: weight shapes, grad modes, ...). Compiled nets
+            support first derivatives only (no ``create_graph`` through a solve). Turns off torch's
+            donated buffers (a memory saving of compiled backward passes that forbids the adjoint's
+            ``retain_graph=True``) for the process.
     """
 
     def __init__(
@@ -248,7 +271,10 @@ class ContinuousFlow(nn.Module):
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
                 raise ValueError(f"regularization[{name!r}] must be a non-negative number, got {weight!r}")
         self.compile_arguments = _check_compile(compile, net)
-        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None
+        # built now so that torch.compile rejects a bad backend or mode at construction
+        self._compiled = (
+            None if self.compile_arguments is None else _compile_forward_and_jacobian(net, self.compile_arguments)
+        )
         self.net = net
         self.input_dim = input_dim
         self.context_dim = context_dim
@@ -313,15 +339,13 @@ class ContinuousFlow(nn.Module):
         """``net.forward_and_jacobian(*args, **kwargs)``, compiled if ``compile`` was set."""
         if self.compile_arguments is None:
             return self.net.forward_and_jacobian(*args, **kwargs)
-        if self._compiled is None:
-            # torchdiffeq's adjoint differentiates with retain_graph=True, which compiled backwards that
-            # donate their saved buffers (torch >= 2.6) refuse; the flag is also read in the backward pass,
-            # outside any call of ours, so it is cleared for the process.
-            if hasattr(torch._functorch.config, "donated_buffer"):
-                torch._functorch.config.donated_buffer = False
-            # The unbound method takes the net as an argument: a deep copy of the flow runs its own net.
-            self._compiled = torch.compile(type(self.net).forward_and_jacobian, **self.compile_arguments)
+        if self._compiled is None:  # unpickled
+            self._compiled = _compile_forward_and_jacobian(self.net, self.compile_arguments)
         return self._compiled(self.net, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # dynamo's wrapper cannot be pickled (torch.save of a whole model); it is rebuilt at the next solve
+        return {**self.__dict__, "_compiled": None}
 
     def regularization_loss(self) -> Tensor:
         """Weighted RNODE terms of the last solve, averaged over its batch (0 when none)."""

@@ -77,7 +77,7 @@ def add_common_args(
         default=None,
         metavar="BACKEND",
         help="compile the CNF dynamics with torch.compile, at the first solve (backend: inductor, which needs a "
-        "C++ compiler on CPU; cudagraphs on GPUs; aot_eager to check tracing)",
+        "C++ compiler on CPU; aot_eager to check tracing)",
     )
     add_fault_args(parser)
 
