@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 import torch._functorch.config
 from torch import Tensor, nn
+from torch.distributions import Distribution
 from torchdiffeq._impl.misc import _mixed_norm
 
 from ._checks import check_choice, check_int
@@ -95,7 +97,20 @@ def _compile_forward_and_jacobian(net: nn.Module, arguments: dict[str, Any]) -> 
     # call of ours, so it is cleared for the process.
     if hasattr(torch._functorch.config, "donated_buffer"):
         torch._functorch.config.donated_buffer = False
-    return torch.compile(type(net).forward_and_jacobian, **arguments)
+    with _keeping_distribution_validation():
+        return torch.compile(type(net).forward_and_jacobian, **arguments)
+
+
+@contextmanager
+def _keeping_distribution_validation() -> Iterator[None]:
+    """Puts back torch.distributions' argument validation (``pyro.enable_validation``'s switch), which
+    dynamo turns off for good the first time it is set up in a process."""
+    validate = Distribution._validate_args
+    try:
+        yield
+    finally:
+        if Distribution._validate_args != validate:
+            Distribution.set_default_validate_args(validate)
 
 
 def _density_error_norm(state: tuple[Tensor, ...]) -> Tensor:
@@ -341,7 +356,8 @@ class ContinuousFlow(nn.Module):
             return self.net.forward_and_jacobian(*args, **kwargs)
         if self._compiled is None:  # unpickled
             self._compiled = _compile_forward_and_jacobian(self.net, self.compile_arguments)
-        return self._compiled(self.net, *args, **kwargs)
+        with _keeping_distribution_validation():
+            return self._compiled(self.net, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # dynamo's wrapper cannot be pickled (torch.save of a whole model); it is rebuilt at the next solve

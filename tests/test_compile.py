@@ -16,6 +16,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
+from torch.distributions import Distribution
 
 import pyro_ffjord as pf
 from pyro_ffjord import AutoFFJORD
@@ -206,3 +207,16 @@ def test_autoffjord_with_compiled_dynamics_gives_the_eager_elbo_and_gradients(fl
     assert compiled_grads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(compiled_grads[name], grads[name])
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_compiling_keeps_the_distribution_validation_setting(backend, validate):
+    """torch's first compilation in a process switches torch.distributions' validation off for good."""
+    torch._dynamo.eval_frame.TorchPatcher.patch.cache_clear()  # make this the first compilation again
+    old = Distribution._validate_args
+    Distribution.set_default_validate_args(validate)
+    try:
+        pf.ffjord(2, hidden_dims=(8,), compile={"backend": backend})(torch.randn(3, 2))
+        assert backend.calls > 0 and Distribution._validate_args is validate
+    finally:
+        Distribution.set_default_validate_args(old)
