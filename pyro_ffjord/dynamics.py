@@ -104,7 +104,7 @@ def _compile_forward_and_jacobian(net: nn.Module, arguments: dict[str, Any]) -> 
 @contextmanager
 def _keeping_distribution_validation() -> Iterator[None]:
     """Puts back torch.distributions' argument validation (``pyro.enable_validation``'s switch), which
-    dynamo turns off for good the first time it is set up in a process."""
+    dynamo turns off for good the first time ``torch.compile`` is called in a process."""
     validate = Distribution._validate_args
     try:
         yield
@@ -356,8 +356,7 @@ class ContinuousFlow(nn.Module):
             return self.net.forward_and_jacobian(*args, **kwargs)
         if self._compiled is None:  # unpickled
             self._compiled = _compile_forward_and_jacobian(self.net, self.compile_arguments)
-        with _keeping_distribution_validation():
-            return self._compiled(self.net, *args, **kwargs)
+        return self._compiled(self.net, *args, **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         # dynamo's wrapper cannot be pickled (torch.save of a whole model); it is rebuilt at the next solve
