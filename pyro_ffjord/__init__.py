@@ -2,8 +2,10 @@
 
 from .autoguide import AutoFFJORD
 from .dynamics import NFE
+from .flow_matching import flow_matching_loss, ot_coupling
 from .multiscale import MultiscaleFFJORD, bits_per_dim, dequantize
 from .nets import AmortizedLowRankODENet, ODENet
+from .scaling import standardization
 from .solve import ODESolveError
 from .transforms import (
     FFJORD,
@@ -34,5 +36,8 @@ __all__ = [
     "conditional_ffjord",
     "dequantize",
     "ffjord",
+    "flow_matching_loss",
+    "ot_coupling",
     "solver_settings",
+    "standardization",
 ]

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ._checks import check_choice, check_int
 from .dynamics import NFE, ContinuousFlow
-from .nets import _ACTIVATION_JVPS, ACTIVATIONS, _fold_gate_and_shift
+from .nets import _ACTIVATION_JVPS, ACTIVATIONS, _check_time, _fold_gate_and_shift
 from .transforms import _check_option_names, _check_tensor, _CNFTransform
 
 
@@ -37,7 +37,7 @@ class ConcatConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels + 1, out_channels, kernel_size=3, padding=1)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = t.to(x).expand(x.shape[0], 1, *x.shape[2:])
+        tt = t.to(x).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
         return self.conv(torch.cat([x, tt], dim=1))
 
     def forward_and_jvp(self, t: Tensor, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,10 +62,18 @@ class ConcatSquashConv2d(nn.Module):
 
     def forward_and_jvp(self, t: Tensor, x: Tensor, tangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """The output and the tangents ``(N k, C, H, W)`` pushed through the layer (if given)."""
-        # the gate is the same for the whole batch: folded into the kernel and bias once per evaluation
-        weight, bias = _fold_gate_and_shift(self.conv.weight, self.conv.bias, self.gate, self.shift, t.to(x))
-        out = F.conv2d(x, weight, bias, padding=1)
-        return out, None if tangents is None else F.conv2d(tangents, weight, padding=1)
+        t = t.to(x)
+        if t.numel() == 1:  # one gate for the whole batch: folded into the kernel and bias once per evaluation
+            weight, bias = _fold_gate_and_shift(self.conv.weight, self.conv.bias, self.gate, self.shift, t)
+            out = F.conv2d(x, weight, bias, padding=1)
+            return out, None if tangents is None else F.conv2d(tangents, weight, padding=1)
+        tt = t.reshape(-1, 1)  # a time per image
+        gate = torch.sigmoid(self.gate(tt))[..., None, None]
+        out = torch.addcmul(self.shift(tt)[..., None, None], self.conv(x), gate)
+        if tangents is None:
+            return out, None
+        jvp = F.conv2d(tangents, self.conv.weight, padding=1).unflatten(0, (x.shape[0], -1)) * gate.unsqueeze(1)
+        return out, jvp.flatten(0, 1)
 
 
 CONV_LAYERS: dict[str, type[nn.Module]] = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d}
@@ -98,6 +106,8 @@ class ConvODENet(nn.Module):
         layer: time conditioning, one of :data:`CONV_LAYERS`.
         activation: nonlinearity, one of :data:`~pyro_ffjord.nets.ACTIVATIONS`.
 
+    The time ``t`` is one element for the whole batch or one per image, shape ``(N,)``.
+
     Example:
         >>> net = ConvODENet((1, 4, 4), (8, 8))
         >>> net(torch.tensor(0.5), torch.randn(3, 16)).shape
@@ -123,6 +133,7 @@ class ConvODENet(nn.Module):
         self._activation_jvp = _ACTIVATION_JVPS[activation]
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        _check_time(t, z.shape[:-1])
         h = z.reshape(-1, *self.input_shape)
         for i, layer in enumerate(self.layers):
             h = layer(t, h)
@@ -139,6 +150,7 @@ class ConvODENet(nn.Module):
         the vector-Jacobian product and its double backward in training. ``None`` means the D basis
         vectors (the exact trace, D images per image: only for small images).
         """
+        _check_time(t, z.shape[:-1])
         n = z.shape[0]
         if tangents is None:
             tangents = torch.eye(self.input_dim, dtype=z.dtype, device=z.device).expand(n, -1, -1)

@@ -52,9 +52,18 @@ _ACTIVATION_JVPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 }
 
 
-def _conditioner(t: Tensor, x: Tensor, context: Tensor) -> Tensor:
-    """The time and the context as one ``(N, 1 + C)`` input."""
-    return torch.cat([t.to(x).reshape(1, 1).expand(x.shape[:-1] + (1,)), context], dim=-1)
+def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
+    """The time (one for all, or one per sample: ``x``'s batch shape) and the context as one ``(..., 1 + C)`` input."""
+    times = t.to(x).reshape(*t.shape, 1).expand(*x.shape[:-1], 1)
+    return times if context is None else torch.cat([times, context], dim=-1)
+
+
+def _check_time(t: object, batch_shape: torch.Size) -> None:
+    """``t`` must be one time for the whole batch (one element) or one per sample (``batch_shape``)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if t.numel() != 1 and t.shape != batch_shape:
+        raise ValueError(f"t must have one element or the batch shape {tuple(batch_shape)}, got {tuple(t.shape)}")
 
 
 def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
@@ -90,9 +99,9 @@ class _ConditionedLinear(nn.Module):
         raise NotImplementedError
 
     def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`forward_and_jvp` with a per-sample context ``(N, C)``."""
+        """:meth:`forward_and_jvp` with a per-sample time ``(N,)`` or context ``(N, C)``."""
         raise NotImplementedError
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -102,7 +111,7 @@ class _ConditionedLinear(nn.Module):
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
     ) -> tuple[Tensor, Tensor | None]:
         """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`)."""
-        if context is not None:
+        if context is not None or t.numel() != 1:
             return self.conditioned(t, x, tangents, context, jvp)
         weight, bias = self.affine(t.to(x))
         return F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
@@ -124,7 +133,7 @@ class ConcatSquashLinear(_ConditionedLinear):
         return _fold_gate_and_shift(self.linear.weight, self.linear.bias, self.gate, self.shift, t)
 
     def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
         c = _conditioner(t, x, context)
         gate = torch.sigmoid(self.gate(c))
@@ -145,7 +154,7 @@ class SquashLinear(_ConditionedLinear):
         return self.linear.weight * gate.unsqueeze(-1), self.linear.bias * gate
 
     def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
         gate = torch.sigmoid(self.gate(_conditioner(t, x, context)))
         out = self.linear(x) * gate
@@ -165,7 +174,7 @@ class ConcatLinear(_ConditionedLinear):
         return weight[:, : self.in_features], self.linear.bias + weight[:, self.in_features] * t.reshape(())
 
     def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
         out = self.linear(torch.cat([x, _conditioner(t, x, context)], dim=-1))
         return out, _apply_weight(self.linear.weight[:, : self.in_features], tangents) if jvp else None
@@ -183,9 +192,9 @@ class IgnoreLinear(_ConditionedLinear):
         return self.linear.weight, self.linear.bias
 
     def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor, jvp: bool
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
-        out = self.linear(torch.cat([x, context], dim=-1))
+        out = self.linear(x if context is None else torch.cat([x, context], dim=-1))
         return out, _apply_weight(self.linear.weight[:, : self.in_features], tangents) if jvp else None
 
 
@@ -199,6 +208,10 @@ LAYERS: dict[str, type[nn.Module]] = {
 
 class ODENet(nn.Module):
     r"""Multilayer perceptron ``f(t, z[, context])`` whose every layer sees the time (and context).
+
+    The time ``t`` is one element for the whole batch (an ODE solve: the time terms of each layer are
+    folded into its weight and bias once per call) or one per sample, shaped like ``z``'s batch (flow
+    matching, which draws a time per sample).
 
     Args:
         input_dim: dimension D of the state ``z``.
@@ -243,11 +256,10 @@ class ODENet(nn.Module):
 
     def _check_inputs(self, t: Tensor, z: Tensor, context: Tensor | None) -> None:
         """Clear errors for calls that would fail deep inside the layers (cheap: shapes only)."""
-        if not isinstance(t, Tensor) or t.numel() != 1:
-            raise TypeError(f"t must be a one-element torch.Tensor, got {t!r}")
         if not isinstance(z, Tensor) or z.dim() == 0 or z.shape[-1] != self.input_dim:
             got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"z must be a tensor of shape (..., {self.input_dim}), got {got}")
+        _check_time(t, z.shape[:-1])
         if not self.context_dim:
             if context is not None:
                 raise ValueError(f"{type(self).__name__} has context_dim=0 and takes no context")

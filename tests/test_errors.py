@@ -141,7 +141,7 @@ _LOW_RANK = pf.AmortizedLowRankODENet(2, (8,), rank=2)
 @pytest.mark.parametrize(
     "net, args, kwargs, error, match",
     [
-        (_NET, (0.5, torch.randn(4, 2)), {}, TypeError, "t must be a one-element"),
+        (_NET, (0.5, torch.randn(4, 2)), {}, TypeError, "t must be a torch.Tensor"),
         (_NET, (torch.tensor(0.5), torch.randn(4, 3)), {}, ValueError, r"z must be a tensor of shape \(\.\.\., 2\)"),
         (_NET, (torch.tensor(0.5), torch.randn(4, 2), torch.randn(4, 3)), {}, ValueError, "takes no context"),
         (_CONTEXT_NET, (torch.tensor(0.5), torch.randn(4, 2)), {}, ValueError, r"context must have shape \(4, 3\)"),

@@ -105,3 +105,46 @@ def test_divergence_and_its_gradients_agree_with_the_autograd_fallback(
         outputs.append(result)
     for a, b in zip(*outputs):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def per_sample_nets():
+    """Every net class and time-conditioning scheme, with the context it takes."""
+    from pyro_ffjord.multiscale import CONV_LAYERS, ConvODENet
+
+    for layer in LAYERS:
+        for context_dim in (0, 2):
+            yield f"ODENet-{layer}-{context_dim}", pf.ODENet(3, (5, 6), context_dim, layer), context_dim
+        net = pf.AmortizedLowRankODENet(3, (5,), rank=2, layer=layer)
+        yield f"Amortized-{layer}", net, net.context_dim
+    for layer in CONV_LAYERS:
+        yield f"ConvODENet-{layer}", ConvODENet((2, 3, 3), (4,), layer, "softplus"), 0
+
+
+@pytest.mark.parametrize("name, net, context_dim", list(per_sample_nets()), ids=lambda v: v if isinstance(v, str) else "")
+def test_per_sample_time_matches_per_sample_loop(float64, name, net, context_dim):
+    """A time per sample gives, row by row, what one call per sample with a scalar time gives."""
+    net = net.double()
+    n, d = 4, net.input_dim
+    t, z = torch.rand(n), torch.randn(n, d)
+    context = torch.randn(n, context_dim) if context_dim else None
+    ctx = () if context is None else (context,)
+    tangents = torch.randn(n, 2, d)
+    f = net(t, z, *ctx)
+    f_jac, jacobian_t = net.forward_and_jacobian(t, z, *ctx)
+    _, jvp = net.forward_and_jacobian(t, z, *ctx, tangents=tangents)
+    for i in range(n):
+        ctx_i = tuple(c[i : i + 1] for c in ctx)
+        f_i = net(t[i], z[i : i + 1], *ctx_i)
+        jf_i, jt_i = net.forward_and_jacobian(t[i], z[i : i + 1], *ctx_i)
+        _, jvp_i = net.forward_and_jacobian(t[i], z[i : i + 1], *ctx_i, tangents=tangents[i : i + 1])
+        torch.testing.assert_close(f[i], f_i[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(f_jac[i], jf_i[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(jacobian_t[i], jt_i[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(jvp[i], jvp_i[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [torch.rand(3), torch.rand(4, 1), torch.rand(2, 2)])
+def test_time_of_wrong_shape_is_refused(bad):
+    net = pf.ODENet(2, (4,))
+    with pytest.raises(ValueError, match="t must have one element or the batch shape"):
+        net(bad, torch.randn(4, 2))
