@@ -120,7 +120,7 @@ def per_sample_nets():
         yield f"ConvODENet-{layer}", ConvODENet((2, 3, 3), (4,), layer, "softplus"), 0
 
 
-@pytest.mark.parametrize("name, net, context_dim", list(per_sample_nets()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name, net, context_dim", list(per_sample_nets()), ids=[n for n, _, _ in per_sample_nets()])
 def test_per_sample_time_matches_per_sample_loop(float64, name, net, context_dim):
     """A time per sample gives, row by row, what one call per sample with a scalar time gives."""
     net = net.double()
