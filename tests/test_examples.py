@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from synthetic_data import example_data_dir
 from test_datasets_images import write_fake_cifar10
+
+from pyro_ffjord.datasets._paths import ENV_VAR
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -121,9 +125,13 @@ def test_every_example_is_covered():
 
 
 def run(name: str, args: list[str], ok: bool = True, launcher: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    """Runs ``examples/<name>`` with ``args`` (after ``python *launcher``); unless ``ok`` is False it must succeed."""
+    """Runs ``examples/<name>`` with ``args`` (after ``python *launcher``); unless ``ok`` is False it must succeed.
+
+    The example reads its data from :func:`example_data_dir` (real where present, else synthetic).
+    """
     command = [sys.executable, *launcher, str(EXAMPLES / name), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, ENV_VAR: str(example_data_dir())}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     if ok:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -153,7 +161,8 @@ def test_killed_run_resumes_to_the_same_result(name, tmp_path):
 
     out = tmp_path / "killed"
     cmd = [sys.executable, str(EXAMPLES / name), *args, "--out", str(out)]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, ENV_VAR: str(example_data_dir())}
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     log = out / "log.csv"
     deadline = time.time() + 300
     while not (log.is_file() and len(log.read_text().splitlines()) > kill_after) and time.time() < deadline:

@@ -49,6 +49,14 @@ positive_float = _number_type(float, 0.0, True, "a positive number")
 non_negative_float = _number_type(float, 0.0, False, "a non-negative number")
 
 
+def fraction(text: str) -> float:
+    """An argparse ``type`` for a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
 def add_common_args(
     parser: argparse.ArgumentParser, out: str, *, num_steps: int | None = None, num_epochs: int | None = None
 ) -> None:
@@ -100,6 +108,48 @@ def add_train_steps_arg(parser: argparse.ArgumentParser, default: int) -> None:
 def train_grid(args: argparse.Namespace) -> dict[str, float] | None:
     """The torchdiffeq options of ``--train-steps``: a step of T₀/n, or None for an adaptive solver."""
     return {"step_size": args.T / args.train_steps} if args.train_steps else None
+
+
+OBJECTIVES = ("ml", "fm", "fm+ml")
+
+
+def add_objective_args(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--objective``: maximum likelihood (SVI), flow matching, or flow matching then maximum likelihood."""
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=default,
+        help="ml: maximum likelihood through the ODE solve (Pyro SVI); fm: flow matching (no solve in training); "
+        "fm+ml: flow matching for the first --fm-fraction of the steps, then maximum likelihood",
+    )
+    parser.add_argument(
+        "--fm-fraction", type=fraction, default=0.5, help="share of the steps trained by flow matching under fm+ml"
+    )
+    parser.add_argument(
+        "--coupling",
+        choices=pf.flow_matching.COUPLINGS,
+        default="independent",
+        help="flow matching: pair data with independent noise, or by minibatch optimal transport",
+    )
+    parser.add_argument(
+        "--sigma-min", type=non_negative_float, default=0.0, help="flow matching: path width at the data end"
+    )
+
+
+def flow_matching_now(args: argparse.Namespace, step: int, num_steps: int) -> bool:
+    """Whether step ``step`` of ``num_steps`` trains by flow matching under ``--objective``."""
+    return args.objective == "fm" or (args.objective == "fm+ml" and step < args.fm_fraction * num_steps)
+
+
+def flow_matching_step(cnf: pf.FFJORD, x: torch.Tensor, optimizer: pyro.optim.PyroOptim, args) -> float:
+    """One optimizer step on :func:`pyro_ffjord.flow_matching_loss` (parameters registered with ``pyro.module``)."""
+    loss = pf.flow_matching_loss(cnf, x, sigma_min=args.sigma_min, coupling=args.coupling)
+    params = [p for p in cnf.parameters() if p.requires_grad]
+    loss.backward()
+    optimizer(params)
+    for p in params:
+        p.grad = None
+    return loss.item()
 
 
 def parse_ints(text: str) -> tuple[int, ...]:
