@@ -52,9 +52,23 @@ _ACTIVATION_JVPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 }
 
 
+def time_features(t: Tensor, frequencies: Tensor | None) -> Tensor:
+    r"""The time as the layers see it: :math:`t`, or :math:`[t, \cos(\omega_k t), \sin(\omega_k t)]_k`.
+
+    ``t`` is one time (result ``(1 + 2K,)``) or one per sample ``(N,)`` (result ``(N, 1 + 2K)``). Sinusoidal
+    features of the time, as in zuko's CNF and in diffusion models, let the field change quickly in time,
+    which a flow trained by flow matching needs near the data.
+    """
+    t = t.unsqueeze(-1) if t.numel() != 1 else t.reshape(1)
+    if frequencies is None:
+        return t
+    angles = t * frequencies.to(t)
+    return torch.cat([t, torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
 def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
-    """The time (one for all, or one per sample: ``x``'s batch shape) and the context as one ``(..., 1 + C)`` input."""
-    times = t.to(x).reshape(*t.shape, 1).expand(*x.shape[:-1], 1)
+    """Time features (one set for all, or one per sample) and the context as one ``(..., time_dim + C)`` input."""
+    times = t.to(x).expand(*x.shape[:-1], t.shape[-1])
     return times if context is None else torch.cat([times, context], dim=-1)
 
 
@@ -77,9 +91,10 @@ def _fold_gate_and_shift(
 ) -> tuple[Tensor, Tensor]:
     r"""The weight and bias of :math:`(W x + b) \odot \sigma(a t + c) + d t` at time ``t``.
 
-    The gate scales each output unit (a row of a linear weight, a kernel of a convolution's).
+    The gate scales each output unit (a row of a linear weight, a kernel of a convolution's); ``t`` may be
+    a vector of time features, for which :math:`a t` and :math:`d t` are matrix products.
     """
-    tt = t.reshape(1, 1)
+    tt = t.reshape(1, -1)
     scale = torch.sigmoid(gate(tt)).reshape(-1)
     return weight * scale.reshape(-1, *(1,) * (weight.dim() - 1)), torch.addcmul(shift(tt).reshape(-1), bias, scale)
 
@@ -95,13 +110,13 @@ class _ConditionedLinear(nn.Module):
     linear: nn.Linear
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """The layer's weight ``(out, in)`` and bias ``(out,)`` at time ``t``, without context."""
+        """The layer's weight ``(out, in)`` and bias ``(out,)`` at time features ``t``, without context."""
         raise NotImplementedError
 
     def conditioned(
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`forward_and_jvp` with a per-sample time ``(N,)`` or context ``(N, C)``."""
+        """:meth:`forward_and_jvp` with per-sample time features ``(N, time_dim)`` or a context ``(N, C)``."""
         raise NotImplementedError
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -110,8 +125,12 @@ class _ConditionedLinear(nn.Module):
     def forward_and_jvp(
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`)."""
-        if context is not None or t.numel() != 1:
+        """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`).
+
+        ``t`` holds time features (see :func:`time_features`): ``(time_dim,)`` for the whole batch or
+        ``(N, time_dim)`` per sample.
+        """
+        if context is not None or t.dim() > 1:
             return self.conditioned(t, x, tangents, context, jvp)
         weight, bias = self.affine(t.to(x))
         return F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
@@ -123,11 +142,11 @@ class ConcatSquashLinear(_ConditionedLinear):
     .. math:: h = (W x + b) \odot \sigma(A [t, c] + a) + B [t, c]
     """
 
-    def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, context_dim: int = 0, time_dim: int = 1) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
-        self.gate = nn.Linear(1 + context_dim, out_features)
-        self.shift = nn.Linear(1 + context_dim, out_features, bias=False)
+        self.gate = nn.Linear(time_dim + context_dim, out_features)
+        self.shift = nn.Linear(time_dim + context_dim, out_features, bias=False)
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return _fold_gate_and_shift(self.linear.weight, self.linear.bias, self.gate, self.shift, t)
@@ -144,13 +163,13 @@ class ConcatSquashLinear(_ConditionedLinear):
 class SquashLinear(_ConditionedLinear):
     r"""Linear layer gated by the time and context: :math:`h = (W x + b) \odot \sigma(A [t, c] + a)`."""
 
-    def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, context_dim: int = 0, time_dim: int = 1) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
-        self.gate = nn.Linear(1 + context_dim, out_features)
+        self.gate = nn.Linear(time_dim + context_dim, out_features)
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        gate = torch.sigmoid(self.gate(t.reshape(1, 1))).reshape(-1)
+        gate = torch.sigmoid(self.gate(t.reshape(1, -1))).reshape(-1)
         return self.linear.weight * gate.unsqueeze(-1), self.linear.bias * gate
 
     def conditioned(
@@ -164,14 +183,16 @@ class SquashLinear(_ConditionedLinear):
 class ConcatLinear(_ConditionedLinear):
     r"""Linear layer on the concatenation of input, time and context: :math:`h = W [x, t, c] + b`."""
 
-    def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, context_dim: int = 0, time_dim: int = 1) -> None:
         super().__init__()
         self.in_features = in_features
-        self.linear = nn.Linear(in_features + 1 + context_dim, out_features)
+        self.time_dim = time_dim
+        self.linear = nn.Linear(in_features + time_dim + context_dim, out_features)
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
         weight = self.linear.weight
-        return weight[:, : self.in_features], self.linear.bias + weight[:, self.in_features] * t.reshape(())
+        time_weight = weight[:, self.in_features : self.in_features + self.time_dim]
+        return weight[:, : self.in_features], torch.addmv(self.linear.bias, time_weight, t.reshape(-1))
 
     def conditioned(
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
@@ -183,7 +204,7 @@ class ConcatLinear(_ConditionedLinear):
 class IgnoreLinear(_ConditionedLinear):
     r"""Autonomous linear layer (time is ignored): :math:`h = W [x, c] + b`."""
 
-    def __init__(self, in_features: int, out_features: int, context_dim: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, context_dim: int = 0, time_dim: int = 1) -> None:
         super().__init__()
         self.in_features = in_features
         self.linear = nn.Linear(in_features + context_dim, out_features)
@@ -211,7 +232,8 @@ class ODENet(nn.Module):
 
     The time ``t`` is one element for the whole batch (an ODE solve: the time terms of each layer are
     folded into its weight and bias once per call) or one per sample, shaped like ``z``'s batch (flow
-    matching, which draws a time per sample).
+    matching, which draws a time per sample). Each layer sees :math:`t`, or with ``time_frequencies``
+    :math:`K > 0` the features :math:`[t, \cos(\pi k t), \sin(\pi k t)]_{k=1}^K` (see :func:`time_features`).
 
     Args:
         input_dim: dimension D of the state ``z``.
@@ -219,6 +241,7 @@ class ODENet(nn.Module):
         context_dim: dimension of the context (0 for an unconditional flow).
         layer: time-conditioning scheme, one of :data:`LAYERS`.
         activation: nonlinearity between layers, one of :data:`ACTIVATIONS`.
+        time_frequencies: number K of sinusoidal time features (0: the time alone).
 
     Example:
         >>> net = ODENet(2, (16, 16))
@@ -233,9 +256,11 @@ class ODENet(nn.Module):
         context_dim: int = 0,
         layer: str = "concatsquash",
         activation: str = "tanh",
+        time_frequencies: int = 0,
     ) -> None:
         super().__init__()
         check_int("input_dim", input_dim)
+        check_int("time_frequencies", time_frequencies, least=0)
         check_int("context_dim", context_dim, least=0)
         if not isinstance(hidden_dims, Sequence) or isinstance(hidden_dims, str):
             raise TypeError(f"hidden_dims must be a sequence of positive integers, got {hidden_dims!r}")
@@ -248,9 +273,12 @@ class ODENet(nn.Module):
         self.context_dim = context_dim
         self._hidden_dims = hidden_dims
         widths = (input_dim, *hidden_dims, input_dim)
+        time_dim = 1 + 2 * time_frequencies
         self.layers = nn.ModuleList(
-            LAYERS[layer](w_in, w_out, context_dim) for w_in, w_out in zip(widths[:-1], widths[1:])
+            LAYERS[layer](w_in, w_out, context_dim, time_dim) for w_in, w_out in zip(widths[:-1], widths[1:])
         )
+        frequencies = math.pi * torch.arange(1, time_frequencies + 1) if time_frequencies else None
+        self.register_buffer("frequencies", frequencies)
         self.activation = ACTIVATIONS[activation]()
         self._activation_jvp = _ACTIVATION_JVPS[activation]
 
@@ -269,6 +297,7 @@ class ODENet(nn.Module):
 
     def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
         self._check_inputs(t, z, context)
+        t = time_features(t.to(z), self.frequencies)
         h = z
         for i in range(len(self.layers)):
             h = self._layer(i, t, h, None, context, jvp=False)[0]
@@ -302,6 +331,7 @@ class ODENet(nn.Module):
             raise ValueError(
                 f"tangents must have shape ({z.shape[0]}, k, {self.input_dim}), got {tuple(tangents.shape)}"
             )
+        t = time_features(t.to(z), self.frequencies)
         h, jvp = z, tangents
         for i in range(len(self.layers)):
             pre, jvp = self._layer(i, t, h, jvp, context, jvp=True)
@@ -315,7 +345,7 @@ class ODENet(nn.Module):
     def _layer(
         self, i: int, t: Tensor, h: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """Pre-activation of layer ``i`` and, if ``jvp``, the tangents pushed through it."""
+        """Pre-activation of layer ``i`` at time features ``t`` and, if ``jvp``, the tangents pushed through it."""
         if not jvp:
             return self.layers[i](t, h, context), None
         return self.layers[i].forward_and_jvp(t, h, tangents, context)
@@ -342,6 +372,7 @@ class AmortizedLowRankODENet(ODENet):
         rank: rank :math:`r` of the per-data-point weight updates.
         layer: time-conditioning scheme of the shared layers, one of :data:`LAYERS`.
         activation: nonlinearity between layers, one of :data:`ACTIVATIONS`.
+        time_frequencies: sinusoidal time features of the shared layers (see :class:`ODENet`).
 
     Example:
         >>> net = AmortizedLowRankODENet(2, (16,), rank=3)
@@ -358,8 +389,9 @@ class AmortizedLowRankODENet(ODENet):
         rank: int = 1,
         layer: str = "concat",
         activation: str = "tanh",
+        time_frequencies: int = 0,
     ) -> None:
-        super().__init__(input_dim, hidden_dims, 0, layer, activation)
+        super().__init__(input_dim, hidden_dims, 0, layer, activation, time_frequencies)
         self.rank = check_int("rank", rank)
         widths = (input_dim, *self._hidden_dims, input_dim)
         self._shapes = list(zip(widths[:-1], widths[1:]))

@@ -328,6 +328,7 @@ def ffjord(
     hidden_dims: Sequence[int] = (64, 64, 64),
     layer: str = "concatsquash",
     activation: str = "tanh",
+    time_frequencies: int = 0,
     **options: Any,
 ) -> FFJORD:
     """Builds an :class:`FFJORD` transform with an :class:`~pyro_ffjord.nets.ODENet` dynamics.
@@ -337,9 +338,11 @@ def ffjord(
         hidden_dims: hidden widths of the dynamics network.
         layer: time-conditioning layer, see :data:`~pyro_ffjord.nets.LAYERS`.
         activation: see :data:`~pyro_ffjord.nets.ACTIVATIONS`.
+        time_frequencies: sinusoidal time features of every layer (see :class:`~pyro_ffjord.nets.ODENet`);
+            a few (e.g. 8) help flows trained by flow matching.
         **options: see :class:`FFJORD`.
     """
-    return FFJORD(ODENet(input_dim, hidden_dims, 0, layer, activation), input_dim, **options)
+    return FFJORD(ODENet(input_dim, hidden_dims, 0, layer, activation, time_frequencies), input_dim, **options)
 
 
 def conditional_ffjord(
@@ -348,11 +351,12 @@ def conditional_ffjord(
     hidden_dims: Sequence[int] = (64, 64),
     layer: str = "concatsquash",
     activation: str = "tanh",
+    time_frequencies: int = 0,
     **options: Any,
 ) -> ConditionalFFJORD:
     """Builds a :class:`ConditionalFFJORD` whose every layer sees the time and the context."""
     check_int("context_dim", context_dim)  # before the net, which would also accept 0
-    net = ODENet(input_dim, hidden_dims, context_dim, layer, activation)
+    net = ODENet(input_dim, hidden_dims, context_dim, layer, activation, time_frequencies)
     return ConditionalFFJORD(net, input_dim, context_dim, **options)
 
 
@@ -363,6 +367,7 @@ def amortized_ffjord(
     rank: int = 1,
     layer: str = "concat",
     activation: str = "tanh",
+    time_frequencies: int = 0,
     **options: Any,
 ) -> AmortizedFFJORD:
     """Builds an :class:`AmortizedFFJORD` with per-data-point low-rank weights (:class:`AmortizedLowRankODENet`).
@@ -370,7 +375,7 @@ def amortized_ffjord(
     The FFJORD paper's VAE posteriors use ``rank=64, hidden_dims=(1024, 1024)`` on MNIST and ``rank=20``
     elsewhere, with ``T=0.5``.
     """
-    net = AmortizedLowRankODENet(input_dim, hidden_dims, rank, layer, activation)
+    net = AmortizedLowRankODENet(input_dim, hidden_dims, rank, layer, activation, time_frequencies)
     return AmortizedFFJORD(net, input_dim, feature_dim, **options)
 
 

@@ -1,6 +1,7 @@
 """The dynamics networks: forward-mode Jacobians against brute-force autograd, in float64."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 
 import pyro_ffjord as pf
 from pyro_ffjord.dynamics import CNFDynamics
-from pyro_ffjord.nets import ACTIVATIONS, LAYERS
+from pyro_ffjord.nets import ACTIVATIONS, LAYERS, time_features
 
 
 def autograd_jacobian(net, t, z, context):
@@ -24,8 +25,9 @@ def autograd_jacobian(net, t, z, context):
     "layer, activation, context_dim, hidden_dims",
     list(itertools.product(LAYERS, ACTIVATIONS, [0, 2], [(), (5, 6)])),
 )
-def test_forward_and_jacobian_matches_autograd(float64, layer, activation, context_dim, hidden_dims):
-    net = pf.ODENet(3, hidden_dims, context_dim, layer, activation)
+@pytest.mark.parametrize("time_frequencies", [0, 3])
+def test_forward_and_jacobian_matches_autograd(float64, layer, activation, context_dim, hidden_dims, time_frequencies):
+    net = pf.ODENet(3, hidden_dims, context_dim, layer, activation, time_frequencies)
     t, z = torch.tensor(0.3), torch.randn(4, 3) * 2
     context = torch.randn(4, context_dim) if context_dim else None
     check_forward_and_jacobian(net, t, z, context)
@@ -63,8 +65,8 @@ class _OpaqueNet(nn.Module):
 def test_time_folded_layer_equals_its_per_sample_form(float64, layer):
     """Without context a layer folds its time conditioning into one weight and bias per evaluation; the
     output and the pushed tangents equal the per-sample form's (the same layer given an empty context)."""
-    module = LAYERS[layer](3, 4)
-    t, x, tangents = torch.tensor(0.3), torch.randn(5, 3), torch.randn(5, 2, 3)
+    module = LAYERS[layer](3, 4, context_dim=0, time_dim=5)
+    t, x, tangents = time_features(torch.tensor(0.3), torch.tensor([1.0, 2.0])), torch.randn(5, 3), torch.randn(5, 2, 3)
     folded = module.forward_and_jvp(t, x, tangents)
     per_sample = module.conditioned(t, x, tangents, x.new_zeros(5, 0), jvp=True)
     for a, b in zip(folded, per_sample):
@@ -114,7 +116,9 @@ def per_sample_nets():
     for layer in LAYERS:
         for context_dim in (0, 2):
             yield f"ODENet-{layer}-{context_dim}", pf.ODENet(3, (5, 6), context_dim, layer), context_dim
-        net = pf.AmortizedLowRankODENet(3, (5,), rank=2, layer=layer)
+            net = pf.ODENet(3, (5, 6), context_dim, layer, time_frequencies=4)
+            yield f"ODENet-{layer}-{context_dim}-frequencies", net, context_dim
+        net = pf.AmortizedLowRankODENet(3, (5,), rank=2, layer=layer, time_frequencies=2)
         yield f"Amortized-{layer}", net, net.context_dim
     for layer in CONV_LAYERS:
         yield f"ConvODENet-{layer}", ConvODENet((2, 3, 3), (4,), layer, "softplus"), 0
@@ -148,3 +152,12 @@ def test_time_of_wrong_shape_is_refused(bad):
     net = pf.ODENet(2, (4,))
     with pytest.raises(ValueError, match="t must have one element or the batch shape"):
         net(bad, torch.randn(4, 2))
+
+
+def test_time_features_are_the_time_and_its_sinusoids(float64):
+    net = pf.ODENet(2, (4,), layer="concat", time_frequencies=2)
+    t = torch.tensor([0.0, 0.25])
+    expected = torch.stack([t, torch.cos(math.pi * t), torch.cos(2 * math.pi * t), torch.sin(math.pi * t)], -1)
+    expected = torch.cat([expected, torch.sin(2 * math.pi * t)[:, None]], -1)
+    torch.testing.assert_close(time_features(t, net.frequencies), expected)
+    torch.testing.assert_close(time_features(t[1], net.frequencies), expected[1])
