@@ -1,12 +1,15 @@
 """Tabular density estimation, the FFJORD paper's UCI/BSDS300 experiments, the Pyro way.
 
 The model is ``pyro.sample("x", TransformedDistribution(Normal(0, I), transforms), obs=x)`` under a
-``pyro.plate``, where ``transforms`` are stacked CNF blocks (``pf.ffjord``) with batch normalization
-(Pyro's ``BatchNorm``) before, between and after them, as in the paper's code. It is fit with SVI and an
-empty guide, which is maximum likelihood (``--objective ml`` does the same with a plain PyTorch loss),
-with Adam and early stopping on the validation NLL (the best parameters are kept). Training uses a cheap
-fixed-grid solver and Hutchinson's trace estimator; the test NLL is computed with an adaptive solver and
-the exact trace, in nats, with its standard error, next to a full-covariance Gaussian fit on the train set.
+``pyro.plate``. With ``--objective ml``, ``transforms`` are stacked CNF blocks (``pf.ffjord``) with batch
+normalization (Pyro's ``BatchNorm``) before, between and after them, as in the paper's code, fit with SVI
+and an empty guide (maximum likelihood) through a cheap fixed-grid solve with Hutchinson's trace. With
+``--objective fm`` they are one CNF (SiLU, 8 sinusoidal time features) followed by the Cholesky whitening
+fit on the train rows (``pf.standardization``, its log-determinant in every NLL), trained by flow
+matching (``pf.flow_matching_loss``: no solve in training); ``fm+ml`` fine-tunes that by maximum
+likelihood. Adam with early stopping on the validation loss (the best parameters are kept). The test
+NLL is computed with an adaptive solver and the exact trace, in nats, with its standard error, next to a
+full-covariance Gaussian fit on the train set.
 ``--model maf``, ``spline`` or ``all`` trains Pyro's MAF and spline-coupling flows on the same data with
 the same step budget.
 
@@ -53,10 +56,13 @@ from common.training import (  # noqa: E402
     TrainingGuard,
     add_common_args,
     add_evaluation_args,
+    add_objective_args,
     add_train_steps_arg,
     compile_option,
     early_stopping_state,
     evaluation_solver,
+    flow_matching_now,
+    flow_matching_step,
     load_checkpoint,
     non_negative_int,
     positive_float,
@@ -74,12 +80,15 @@ MODELS = ("ffjord", "maf", "spline")
 
 
 class Architecture(NamedTuple):
-    """CNF architecture: hidden layers of ``hidden_mult * D`` units, ``num_blocks`` stacked CNFs."""
+    """CNF architecture: hidden layers of ``hidden_mult * D`` units (at most ``max_width``), ``num_blocks`` CNFs."""
 
     num_hidden: int
     hidden_mult: int
     num_blocks: int
     activation: str
+    max_width: int = 64  # CPU-sized
+    layer: str = "concatsquash"
+    time_frequencies: int = 0
 
 
 # FFJORD paper (Grathwohl et al., 2019), Appendix B, and the train_tabular.py commands of its repository.
@@ -92,6 +101,8 @@ PAPER_ARCHITECTURES = {
     "bsds300-images": Architecture(3, 20, 2, "softplus"),
 }
 CSV_ARCHITECTURE = Architecture(2, 10, 2, "tanh")  # our choice for a user's table
+# Flow matching: one CNF; a wide net costs one evaluation per sample, and time features let it vary quickly in t.
+FM_ARCHITECTURE = Architecture(3, 20, 1, "silu", max_width=512, layer="concat", time_frequencies=8)
 
 
 class Flow(torch.nn.Module):
@@ -116,36 +127,52 @@ class Flow(torch.nn.Module):
         """The CNF blocks (none for the baselines)."""
         return [m for m in self.layers if isinstance(m, pf.FFJORD)]
 
+    def scaled(self, x: Tensor) -> Tensor:
+        """``x`` in the CNF's units: through the inverse of the data scaling that ends the transforms."""
+        return self.transforms[-1].inv(x)
+
 
 def architecture(args: argparse.Namespace) -> Architecture:
-    """The paper's architecture for the dataset, with the command line's overrides."""
-    paper = CSV_ARCHITECTURE if args.csv else PAPER_ARCHITECTURES[args.data]
-    return Architecture(
-        args.num_hidden or paper.num_hidden,
-        args.hidden_mult or paper.hidden_mult,
-        args.num_blocks or paper.num_blocks,
-        args.activation or paper.activation,
-    )
+    """The paper's architecture for the dataset (one wide CNF for flow matching), with the command line's overrides."""
+    if args.objective != "ml":
+        default = FM_ARCHITECTURE
+    else:
+        default = CSV_ARCHITECTURE if args.csv else PAPER_ARCHITECTURES[args.data]
+    overrides = {
+        "num_hidden": args.num_hidden,
+        "hidden_mult": args.hidden_mult,
+        "num_blocks": args.num_blocks,
+        "activation": args.activation,
+        "max_width": args.max_width,
+        "layer": args.layer,
+        "time_frequencies": args.time_frequencies,
+    }
+    return default._replace(**{key: value for key, value in overrides.items() if value is not None})
 
 
 def hidden_width(dim: int, args: argparse.Namespace) -> int:
-    """``hidden_mult * dim``, capped at ``--max-width`` (0: no cap)."""
-    width = architecture(args).hidden_mult * dim
-    return min(width, args.max_width) if args.max_width else width
+    """``hidden_mult * dim``, capped at ``max_width`` (0: no cap)."""
+    arch = architecture(args)
+    width = arch.hidden_mult * dim
+    return min(width, arch.max_width) if arch.max_width else width
 
 
-def build_flow(name: str, dim: int, args: argparse.Namespace, device: torch.device) -> Flow:
-    """FFJORD (CNF blocks), MAF or spline-coupling flow, each with batch norms around every layer."""
+def build_flow(name: str, train: Tensor, args: argparse.Namespace, device: torch.device) -> Flow:
+    """FFJORD (CNF blocks), MAF or spline-coupling flow, each with batch norms around every layer; under flow
+    matching, one CNF followed by the whitening fit on the ``train`` rows."""
+    dim = train.shape[1]
     arch, width = architecture(args), hidden_width(dim, args)
-    transforms: list[dist.transforms.Transform] = [T.BatchNorm(dim)]
-    modules: list[torch.nn.Module] = [transforms[0]]
+    flow_matching = name == "ffjord" and args.objective != "ml"
+    transforms: list[dist.transforms.Transform] = [] if flow_matching else [T.BatchNorm(dim)]
+    modules: list[torch.nn.Module] = list(transforms)
     for _ in range(arch.num_blocks if name == "ffjord" else args.baseline_layers):
         if name == "ffjord":
             layer = pf.ffjord(
                 dim,
                 hidden_dims=(width,) * arch.num_hidden,
-                layer=args.layer,
+                layer=arch.layer,
                 activation=arch.activation,
+                time_frequencies=arch.time_frequencies,
                 T=args.T,
                 train_T=not args.fixed_T,
                 divergence="hutchinson",
@@ -166,9 +193,13 @@ def build_flow(name: str, dim: int, args: argparse.Namespace, device: torch.devi
         else:
             layer = T.spline_coupling(dim, hidden_dims=[width] * 2, count_bins=8, bound=4.0)
             transforms += [layer, T.Permute(torch.randperm(dim, device=device))]
-        bn = T.BatchNorm(dim)
-        transforms.append(bn)
-        modules += [layer, bn]
+        modules.append(layer)
+        if not flow_matching:
+            bn = T.BatchNorm(dim)
+            transforms.append(bn)
+            modules.append(bn)
+    if flow_matching:
+        transforms.append(pf.standardization(train))
     return Flow(transforms, modules).to(device)
 
 
@@ -205,15 +236,16 @@ def calibrate_batchnorm(flow: Flow, x: Tensor) -> None:
             bn.momentum = momentum
 
 
-def ml_step(x: Tensor, flow: Flow, optimizer: pyro.optim.PyroOptim) -> float:
-    """One maximum-likelihood step with a plain PyTorch loss; returns the loss summed over x."""
-    loss = -flow.distribution(x.shape[-1], x).log_prob(x).sum()
-    params = [p for p in flow.parameters() if p.requires_grad]
-    loss.backward()
-    optimizer(params)
-    for p in params:
-        p.grad = None
-    return loss.item()
+@torch.no_grad()
+def flow_matching_validation(flow: Flow, x: Tensor, args: argparse.Namespace) -> float:
+    """The flow-matching loss on validation rows, with fixed times and noise (the training RNG is untouched)."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        losses = [
+            pf.flow_matching_loss(flow.cnfs()[0], flow.scaled(chunk), sigma_min=args.sigma_min) * len(chunk)
+            for chunk in x.split(args.eval_batch_size)
+        ]
+    return (sum(losses) / len(x)).item()
 
 
 @torch.no_grad()
@@ -277,9 +309,8 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     run_dir = Path(args.out) if args.model != "all" else Path(args.out) / name
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    dim = data["train"].shape[1]
     try:
-        flow = build_flow(name, dim, args, device)
+        flow = build_flow(name, data["train"], args, device)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: invalid {name} settings: {e}") from None
     optimizer = pyro.optim.Adam({"lr": args.lr})
@@ -287,7 +318,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     checkpoint = run_dir / "checkpoint.pt"
     state = early_stopping_state(flow)
     start, saved = 0, None
-    pyro.module(name, flow)  # both objectives keep the parameters in Pyro's param store
+    pyro.module(name, flow)  # every objective keeps the parameters in Pyro's param store
     resume = resuming(args, checkpoint, later_model=args.model == "all" and name != MODELS[0])
     if resume:
         saved = load_checkpoint(checkpoint, optimizer, device)
@@ -295,7 +326,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         pyro.module(name, flow, update_module_params=True)
         flow.load_state_dict(saved["module"] if "module" in saved else saved["flow"])
         start, state = saved["step"], saved["state"]
-    fields = ["step", "loss", "val_nll", "nfe_forward", "T", "seconds"]
+    fields = ["step", "loss", "val_loss", "nfe_forward", "T", "seconds"]
     log = CSVLog(run_dir / "log.csv", fields, start if resume else None)
 
     train = data["train"]
@@ -303,25 +334,41 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     calibration = train[rows.to(device)]
 
     def train_step(step: int, state: dict[str, Any]) -> float:
-        """One optimizer step, and the validation NLL when it is due (recorded in ``state``)."""
+        """One optimizer step, and the validation loss when it is due (recorded in ``state``): the NLL, or the
+        flow-matching loss while training by flow matching (a new early-stopping record starts with the NLL)."""
         flow.train()
         x = train[train_batches(len(train), args.batch_size, guard.data_seed, step).to(device)]
-        loss = (svi.step(x, flow, name) if args.objective == "svi" else ml_step(x, flow, optimizer)) / len(x)
+        matching = name == "ffjord" and flow_matching_now(args, step, args.num_steps)
+        if (
+            name == "ffjord"
+            and args.objective == "fm+ml"
+            and not matching
+            and flow_matching_now(args, step - 1, args.num_steps)
+        ):
+            state.update(best_val=math.inf, bad_evals=0)
+        if matching:
+            loss = flow_matching_step(flow.cnfs()[0], flow.scaled(x), optimizer, args)
+        else:
+            loss = svi.step(x, flow, name) / len(x)
         state["losses"].append(loss)
         state["last_val"] = ""
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
-            calibrate_batchnorm(flow, calibration)
-            record_validation(state, step + 1, nll(flow, data["val"], args.eval_batch_size)[0], flow, args.patience)
+            if matching:
+                value = flow_matching_validation(flow, data["val"], args)
+            else:
+                calibrate_batchnorm(flow, calibration)
+                value = nll(flow, data["val"], args.eval_batch_size)[0]
+            record_validation(state, step + 1, value, flow, args.patience)
         return loss
 
     def report(step: int, loss: float, state: dict[str, Any]) -> None:
         cnfs = flow.cnfs()
         nfe = sum(c.nfe.forward for c in cnfs)
         T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
-        bar.set_postfix(nll=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
+        bar.set_postfix(loss=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
         bar.update()
         seconds = round(state["seconds"], 2)
-        log.write(step=step, loss=loss, val_nll=state["last_val"], nfe_forward=nfe, T=T_mean, seconds=seconds)
+        log.write(step=step, loss=loss, val_loss=state["last_val"], nfe_forward=nfe, T=T_mean, seconds=seconds)
 
     bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress, desc=name)
     with TrainingGuard(args, checkpoint, optimizer, flow, log=log, bar=bar, resumed=saved) as guard:
@@ -340,7 +387,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     metrics = {
         "test_nll": test,
         "test_nll_se": se,
-        "best_val_nll": state["best_val"],
+        "best_val_loss": state["best_val"],
         "best_step": state["best_at"],
         "steps": len(state["losses"]),
         "stopped_early": state["stopped"],
@@ -412,6 +459,8 @@ def plot(path: Path, title: str, test: Tensor, results: dict[str, dict[str, Any]
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the data, fits the Gaussian reference and each flow, writes metrics.json and the plot."""
+    if args.objective != "ml" and architecture(args).num_blocks != 1:
+        raise SystemExit(f"error: --objective {args.objective} trains one CNF: use --num-blocks 1")
     device = resolve_device(args.device, args.threads)
     data = load_data(args)
     tensors = {split: torch.from_numpy(a).to(device) for split, a in zip(("train", "val", "test"), data.splits)}
@@ -463,7 +512,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(parser, num_steps=800, out="outputs/tabular")
     parser.add_argument("--batch-size", type=positive_int, default=500)
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="Adam step size (paper: 1e-3)")
-    parser.add_argument("--objective", choices=["svi", "ml"], default="svi", help="Pyro SVI or plain ML loss")
+    add_objective_args(parser, default="ml")
     parser.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation NLLs")
     parser.add_argument(
         "--patience", type=positive_int, default=10, help="validations without improvement before stopping"
@@ -473,10 +522,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--hidden-mult", type=positive_int, default=None, help="hidden width / D (default: the paper's)"
     )
     parser.add_argument(
-        "--max-width", type=non_negative_int, default=64, help="cap on the hidden width (0: none, the paper)"
+        "--max-width",
+        type=non_negative_int,
+        default=None,
+        help="cap on the hidden width (0: none, the paper; default: 64, 512 for flow matching)",
     )
     parser.add_argument("--num-blocks", type=positive_int, default=None, help="stacked CNFs (default: the paper's)")
-    parser.add_argument("--layer", default="concatsquash")
+    parser.add_argument("--layer", default=None, help="time conditioning (default: concatsquash, concat for fm)")
+    parser.add_argument(
+        "--time-frequencies",
+        type=non_negative_int,
+        default=None,
+        help="sinusoidal time features (default: 0, 8 for fm)",
+    )
     parser.add_argument("--activation", default=None, help="tanh, softplus, ... (default: the paper's)")
     parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
     parser.add_argument("--fixed-T", action="store_true", help="do not learn T")

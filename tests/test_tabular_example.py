@@ -66,7 +66,7 @@ def run(args: list[str], ok: bool = True) -> subprocess.CompletedProcess:
 def finite_metrics(metrics: dict) -> None:
     assert math.isfinite(metrics["gaussian_nll"]) and math.isfinite(metrics["gaussian_nll_se"])
     for values in metrics["models"].values():
-        for key in ("test_nll", "test_nll_se", "best_val_nll", "train_seconds"):
+        for key in ("test_nll", "test_nll_se", "best_val_loss", "train_seconds"):
             assert math.isfinite(values[key]), (key, values)
 
 
