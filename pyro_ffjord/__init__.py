@@ -17,6 +17,7 @@ from .transforms import (
     ffjord,
     solver_settings,
 )
+from .unet import UNet
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "MultiscaleFFJORD",
     "ODENet",
     "ODESolveError",
+    "UNet",
     "amortized_ffjord",
     "bits_per_dim",
     "conditional_ffjord",

@@ -113,11 +113,11 @@ def train_grid(args: argparse.Namespace) -> dict[str, float] | None:
 OBJECTIVES = ("ml", "fm", "fm+ml")
 
 
-def add_objective_args(parser: argparse.ArgumentParser, default: str) -> None:
+def add_objective_args(parser: argparse.ArgumentParser, default: str, choices: tuple[str, ...] = OBJECTIVES) -> None:
     """``--objective``: maximum likelihood (SVI), flow matching, or flow matching then maximum likelihood."""
     parser.add_argument(
         "--objective",
-        choices=OBJECTIVES,
+        choices=choices,
         default=default,
         help="ml: maximum likelihood through the ODE solve (Pyro SVI); fm: flow matching (no solve in training); "
         "fm+ml: flow matching for the first --fm-fraction of the steps, then maximum likelihood",
