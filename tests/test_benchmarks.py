@@ -108,3 +108,24 @@ def test_rnode_flag_sets_the_penalty_weights():
     assert model.module.flow.regularization == {"kinetic": 0.1, "jacobian": 0.1}
     model.log_prob(bench.batch(w, 16, 0, torch.device("cpu")))
     assert model.penalty() > 0
+
+
+BENCH_FM = BENCH.parent / "bench_flow_matching.py"
+
+
+def test_bench_flow_matching_smoke(tmp_path):
+    """Every contender of the flow-matching race trains, is scored on the same points and is compared with MAF."""
+    out = tmp_path / "bench_fm.json"
+    command = [sys.executable, str(BENCH_FM), "--task", "toy", "--budgets", "0.5", "--num-train", "2000"]
+    command += ["--num-test", "100", "--width", "8", "--depth", "2", "--layers", "2", "--jobs", "2", "--out", str(out)]
+    run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout
+    report = json.loads(out.read_text())
+    rows = {r["contender"]: r for r in report["results"]}
+    assert set(rows) == {"fm", "fm-ot", "ml", "fm+ml", "maf", "spline", "nsf"}
+    for name, row in rows.items():
+        assert "error" not in row, (name, row)
+        assert row["steps"] >= 1 and math.isfinite(row["test_nll"]) and math.isfinite(row["minus_maf"])
+    assert rows["maf"]["minus_maf"] == 0
+    assert all(rows[name]["sample_nfe"] > 0 for name in ("fm", "fm-ot", "ml", "fm+ml"))
+    assert report["reference"]["name"] == "true density" and math.isfinite(report["reference"]["test_nll"])

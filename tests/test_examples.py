@@ -144,17 +144,18 @@ def test_example_runs(name, tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()
 
 
-# example: (extra flags, number of steps, reported metric, logged steps before the kill)
+# run: (example, extra flags, number of steps, reported metric, logged steps before the kill)
 KILL_AND_RESUME = {
-    "toy_2d.py": (["--checkpoint-every", "1", "--data", "checkerboard"], 60, "test_nll", 10),
-    "images.py": (["--checkpoint-every", "1"], 8, "test_bits_per_dim", 3),
+    "toy_2d": ("toy_2d.py", ["--checkpoint-every", "1", "--data", "checkerboard"], 60, "test_nll", 10),
+    "toy_2d-fm+ml": ("toy_2d.py", ["--checkpoint-every", "1", "--objective", "fm+ml"], 200, "test_nll", 10),
+    "images": ("images.py", ["--checkpoint-every", "1"], 8, "test_bits_per_dim", 3),
 }
 
 
-@pytest.mark.parametrize("name", sorted(KILL_AND_RESUME))
-def test_killed_run_resumes_to_the_same_result(name, tmp_path):
+@pytest.mark.parametrize("run_id", sorted(KILL_AND_RESUME))
+def test_killed_run_resumes_to_the_same_result(run_id, tmp_path):
     """SIGKILL mid-training, then --resume: same numbers as an uninterrupted run with the same seed."""
-    flags, num_steps, metric, kill_after = KILL_AND_RESUME[name]
+    name, flags, num_steps, metric, kill_after = KILL_AND_RESUME[run_id]
     args = [*TINY[name], *flags, "-n", str(num_steps)]
     run(name, [*args, "--out", str(tmp_path / "straight")])
     expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())
@@ -208,3 +209,24 @@ def test_toy_with_compiled_dynamics_gives_the_eager_result(tmp_path):
     run("toy_2d.py", [*TINY["toy_2d.py"], "--compile", "aot_eager", "--out", str(tmp_path / "compiled")])
     eager, compiled = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("eager", "compiled"))
     assert math.isclose(compiled["test_nll"], eager["test_nll"], rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, flags",
+    [
+        ("toy_2d.py", ["--objective", "fm", "--coupling", "ot", "--sigma-min", "0.01"]),
+        ("tabular.py", ["--objective", "fm+ml", "--fm-fraction", "0.5", "-n", "4"]),
+        ("images.py", ["--objective", "fm", "--unet-channels", "4,8"]),
+    ],
+)
+def test_flow_matching_objectives_run(name, flags, tmp_path):
+    run(name, [*TINY[name], *flags, "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    values = metrics["models"]["ffjord"] if name == "tabular.py" else metrics
+    assert math.isfinite(values["test_nll" if "test_nll" in values else "test_bits_per_dim"])
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_flow_matching_refuses_stacked_cnfs(tmp_path):
+    result = run("toy_2d.py", [*TINY["toy_2d.py"], "--objective", "fm", "--num-blocks", "2"], ok=False)
+    assert result.returncode != 0 and "--objective fm trains one CNF: use --num-blocks 1" in result.stderr

@@ -29,6 +29,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ._paths import require_file, resolve_root
+from .power import load_power_source
 
 __all__ = [
     "TabularData",
@@ -54,12 +55,14 @@ class TabularData:
         val: Validation rows.
         test: Test rows.
         name: Dataset name.
+        source: Where the rows came from, when a dataset has several possible sources.
     """
 
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
     name: str
+    source: str = ""
 
     def __post_init__(self) -> None:
         self.train, self.val, self.test = (np.ascontiguousarray(a, dtype=np.float32) for a in self.splits)
@@ -145,7 +148,9 @@ def _standardize_on_train_val(name: str, train: np.ndarray, val: np.ndarray, tes
 def load_power(root: PathLike | None = None) -> TabularData:
     """POWER (UCI household electric power consumption), preprocessed as MAF's ``datasets/power.py``.
 
-    Steps: load ``<root>/power/data.npy`` (8 columns); shuffle rows with ``np.random.RandomState(42)``;
+    Steps: load ``<root>/power/data.npy`` (8 columns; without it, the same array rebuilt from the UCI data
+    under ``<root>/household_power/``, see :mod:`~pyro_ffjord.datasets.power`); shuffle rows with
+    ``np.random.RandomState(42)``;
     delete columns 3 (global intensity) and 1 (global reactive power); add uniform noise drawn from the same
     generator in MAF's order (voltage ``0.01 U``, then active power ``0.001 U``, then the three sub-meterings
     ``U``; none on the time column); test = last 10 %, validation = last 10 % of the rest; standardize with the
@@ -155,16 +160,22 @@ def load_power(root: PathLike | None = None) -> TabularData:
         root: Data root; ``None`` uses :func:`~pyro_ffjord.datasets.resolve_root`'s default.
 
     Returns:
-        The splits (MAF sizes: 1,659,917 / 184,435 / 204,928).
+        The splits (MAF sizes: 1,659,917 / 184,435 / 204,928), with their ``source``.
     """
-    x = _load_npy(_maf_file(root, "power/data.npy", "POWER"), ncols=8)
+    maf = resolve_root(root) / "power/data.npy"
+    if maf.is_file():
+        x, source = _load_npy(maf, ncols=8), f"MAF's {maf}"
+    else:
+        x, source = load_power_source(resolve_root(root))
     rng = np.random.RandomState(42)
     rng.shuffle(x)
     x = np.delete(x, [1, 3], axis=1)  # -> active power, voltage, sub-meterings 1-3, time
     n = x.shape[0]
     voltage, active, sub = 0.01 * rng.rand(n, 1), 0.001 * rng.rand(n, 1), rng.rand(n, 3)
     x = x + np.hstack((active, voltage, sub, np.zeros((n, 1))))
-    return _standardize_on_train_val("power", *_maf_split(x))
+    data = _standardize_on_train_val("power", *_maf_split(x))
+    data.source = source
+    return data
 
 
 def _gas_preprocess(names: list[str], x: np.ndarray) -> np.ndarray:
