@@ -292,7 +292,7 @@ def load_data(args: argparse.Namespace) -> TabularData:
         print(f"warning: {what}: {w.message}", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     splits = [a[rng.permutation(len(a))[:n]] if 0 < n < len(a) else a for a, n in zip(data.splits, sizes)]
-    data = TabularData(*splits, data.name)
+    data = TabularData(*splits, data.name, data.source)
     if data.dim < 2 or min(len(a) for a in data.splits) < 2:
         raise SystemExit(f"error: {what}: need at least 2 columns and 2 rows per split, got {data.splits[0].shape}")
     return data
@@ -377,7 +377,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         )
     bar.close()
     if state["stopped"]:
-        print(f"{name}: early stop after {len(state['losses'])} steps, best validation NLL at step {state['best_at']}")
+        print(f"{name}: early stop after {len(state['losses'])} steps, best validation loss at step {state['best_at']}")
 
     flow.load_state_dict(state["best_module"])
     started = time.time()
@@ -465,6 +465,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     data = load_data(args)
     tensors = {split: torch.from_numpy(a).to(device) for split, a in zip(("train", "val", "test"), data.splits)}
     gaussian, gaussian_se = gaussian_nll(tensors["train"], tensors["test"])
+    if data.source:
+        print(f"{data.name}: {data.source}")
     print(
         f"{data.name}: D = {data.dim}, {len(data.train)}/{len(data.val)}/{len(data.test)} rows; "
         f"full-covariance Gaussian test NLL {gaussian:.3f} ± {gaussian_se:.3f} nats"
@@ -477,6 +479,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: {name}: the ODE solve failed ({e}); try a smaller --lr or --eval-rtol") from None
     metrics = {
         "data": data.name,
+        "source": data.source,
         "dim": data.dim,
         "num_train": len(data.train),
         "num_val": len(data.val),
