@@ -31,11 +31,13 @@ step vae_gaussian 60 python examples/vae.py --device cuda --num-train 0 --num-va
     --warmup 1 --posterior gaussian --is-samples 100 --no-progress --out "$work/vae_gaussian"
 step images 60 python examples/images.py --device cuda -n 100 --num-test 1000 --eval-batch-size 500 --no-progress \
     --out "$work/images"
+step images_fm 240 python examples/images.py --device cuda --objective fm -n 3000 --num-train 0 --batch-size 128 \
+    --lr 2e-3 --num-test 1000 --eval-batch-size 500 --no-progress --out "$work/images_fm"
 step images_nccl 40 torchrun --standalone --nproc_per_node=1 examples/images.py --distributed --device cuda -n 20 \
     --num-test 200 --no-progress --out "$work/images_nccl"
 step bench 200 python benchmarks/bench_cnf.py --device cuda --budget 10 --workloads toy2d --out "$out/bench.json"
 
-for run in toy vae_ffjord vae_gaussian images; do
+for run in toy vae_ffjord vae_gaussian images images_fm; do
     [ -f "$work/$run/metrics.json" ] && cp "$work/$run/metrics.json" "$out/$run.json"
 done
 exit 0
