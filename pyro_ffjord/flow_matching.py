@@ -26,7 +26,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .transforms import FFJORD, ConditionalFFJORD, _check_tensor
+from .transforms import FFJORD, ConditionalFFJORD, _check_tensor, _flatten_batch
 
 COUPLINGS = ("independent", "ot")
 
@@ -115,18 +115,7 @@ def flow_matching_loss(
         raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
     if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)) or not 0 <= sigma_min < 1:
         raise ValueError(f"sigma_min must be a number in [0, 1), got {sigma_min!r}")
-    x = _check_tensor("x", x, flow.input_dim, flow.log_T)
-    batch = x.shape[:-1]
-    if context is not None:
-        try:
-            batch = torch.broadcast_shapes(batch, context.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"x batch shape {tuple(x.shape[:-1])} does not broadcast with the context batch shape "
-                f"{tuple(context.shape[:-1])}"
-            ) from None
-        context = context.expand(*batch, flow.context_dim).reshape(-1, flow.context_dim)
-    x = x.expand(*batch, flow.input_dim).reshape(-1, flow.input_dim)
+    _, x, context = _flatten_batch("x", _check_tensor("x", x, flow.input_dim, flow.log_T), context)
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one sample")
     noise = torch.randn_like(x)

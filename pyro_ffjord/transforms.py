@@ -58,6 +58,21 @@ def _check_tensor(name: str, value: object, size: int, like: Tensor) -> Tensor:
     return value
 
 
+def _flatten_batch(name: str, value: Tensor, context: Tensor | None) -> tuple[torch.Size, Tensor, Tensor | None]:
+    """The joint batch shape of ``value`` ``(..., D)`` and ``context`` ``(..., C)``, and both flattened to it."""
+    batch = value.shape[:-1]
+    if context is not None:
+        try:
+            batch = torch.broadcast_shapes(batch, context.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"{name} batch shape {tuple(value.shape[:-1])} does not broadcast with the context "
+                f"batch shape {tuple(context.shape[:-1])}"
+            ) from None
+        context = context.expand(batch + context.shape[-1:]).reshape(-1, context.shape[-1])
+    return batch, value.expand(batch + value.shape[-1:]).reshape(-1, value.shape[-1]), context
+
+
 class _TensorState:
     """The tensors a solve read and their state then, to tell whether a later call may reuse it.
 
@@ -129,18 +144,7 @@ class _CNFTransform:
     def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor]:
         flow = self._flow
         value = _check_tensor(name, value, flow.input_dim, flow.log_T)
-        batch = value.shape[:-1]
-        context = self._context
-        if context is not None:
-            try:
-                batch = torch.broadcast_shapes(batch, context.shape[:-1])
-            except RuntimeError:
-                raise ValueError(
-                    f"{name} batch shape {tuple(value.shape[:-1])} does not broadcast with the context "
-                    f"batch shape {tuple(context.shape[:-1])}"
-                ) from None
-            context = context.expand(batch + context.shape[-1:]).reshape(-1, flow.context_dim)
-        flat = value.expand(batch + value.shape[-1:]).reshape(-1, flow.input_dim)
+        batch, flat, context = _flatten_batch(name, value, self._context)
         if flat.shape[0] == 0:
             out, logdet = flat.clone(), flat.new_zeros(0)
         else:
