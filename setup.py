@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pyro_ffjord", "pyro_ffjord.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "pyro-ppl>=1.9", "torchdiffeq>=0.2.4", "tqdm"],
+    install_requires=["torch>=2.4", "pyro-ppl>=1.9", "torchdiffeq>=0.2.4", "scipy", "tqdm"],
     extras_require={
         "examples": ["matplotlib", "torchvision", "scipy", "pandas", "h5py"],
         "test": ["pytest", "hypothesis", "ruff", "matplotlib", "torchvision", "scipy", "pandas", "h5py", "zuko"],
