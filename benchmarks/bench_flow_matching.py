@@ -30,6 +30,7 @@ import json
 import math
 import multiprocessing as mp
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ from pyro_ffjord.datasets.tabular import load_tabular
 from pyro_ffjord.datasets.toy import sample_toy, toy_log_density
 
 CONTENDERS = ("fm", "fm-ot", "ml", "fm+ml", "maf", "spline", "nsf")
-EVAL_SOLVER = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "options": None, "max_num_steps": 10000}
+EVAL_SOLVER = {
+    "divergence": "exact",
+    "method": "dopri5",
+    "rtol": 1e-5,
+    "atol": 1e-5,
+    "options": None,
+    "max_num_steps": 10000,
+}
 
 
 def load_data(args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -66,7 +74,7 @@ class Contender:
     """A density on the scaled data: its trainable modules, a training loss and a test log-density."""
 
     def __init__(self, name: str, dim: int, args: argparse.Namespace) -> None:
-        self.name, self.args = name, args
+        self.name = name
         hidden = (args.width,) * args.depth
         self.cnf = None
         if name in ("fm", "fm-ot", "ml", "fm+ml"):
@@ -141,21 +149,21 @@ def run_contender(name: str, budget: float, data: dict[str, np.ndarray], args: a
     scaled_log_det = scaling.log_abs_det_jacobian(y_test[:1], test[:1]).item()  # log|det L|, the same for all rows
     result: dict[str, Any] = {"contender": name, "budget_s": budget, "steps": steps, "train_s": round(train_seconds, 1)}
     with torch.no_grad():
+        scoring = nullcontext() if contender.cnf is None else pf.solver_settings(contender.cnf, **EVAL_SOLVER)
+        with scoring:
+            nll = torch.cat([-contender.log_prob(chunk) for chunk in y_test.split(args.eval_batch_size)])
         if contender.cnf is not None:
-            with pf.solver_settings(contender.cnf, divergence="exact", **EVAL_SOLVER):
-                nll = torch.cat([-contender.log_prob(chunk) for chunk in y_test.split(args.eval_batch_size)])
-                result["eval_nfe"] = contender.cnf.nfe.forward
+            result["eval_nfe"] = contender.cnf.nfe.forward
             # sampling runs the field backward from the base, where a field fit on a coarse grid can be stiff:
             # capped, and reported as None beyond the cap
-            with pf.solver_settings(contender.cnf, divergence="hutchinson", **{**EVAL_SOLVER, "max_num_steps": 500}):
+            sampling = {**EVAL_SOLVER, "divergence": "hutchinson", "max_num_steps": 500}
+            with pf.solver_settings(contender.cnf, **sampling):
                 base = dist.Normal(torch.zeros(train.shape[1]), 1.0).to_event(1)
                 try:
                     dist.TransformedDistribution(base, [contender.cnf]).sample((1000,))
                     result["sample_nfe"] = contender.cnf.nfe.forward
                 except pf.ODESolveError:
                     result["sample_nfe"] = None
-        else:
-            nll = torch.cat([-contender.log_prob(chunk) for chunk in y_test.split(args.eval_batch_size)])
     nll = nll.double() + scaled_log_det
     result.update(
         nll=nll.tolist(),

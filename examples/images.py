@@ -89,9 +89,6 @@ class ImageCNF(nn.Module):
     def nfe(self) -> pf.NFE:
         return self.cnf.nfe
 
-    def regularization_loss(self) -> Tensor:
-        return self.cnf.regularization_loss()
-
 
 class FlowMatchingLoss(nn.Module):
     """:func:`pyro_ffjord.flow_matching_loss` on images in ``[-1, 1]`` as a module, so that DDP can wrap it."""
@@ -294,11 +291,14 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
 
     def report(step: int, loss: float, state: dict) -> None:
         bpd, nfe = state["losses"][-1], flow.nfe.forward
-        bar.set_postfix(loss=f"{loss:.3f}") if args.objective == "fm" else bar.set_postfix(bpd=f"{bpd:.3f}", nfe=nfe)
+        if args.objective == "fm":  # the flow-matching loss is no likelihood: no bits/dim to show
+            bpd = ""
+            bar.set_postfix(loss=f"{loss:.3f}")
+        else:
+            bar.set_postfix(bpd=f"{bpd:.3f}", nfe=nfe)
         bar.update()
         if log is not None:
             seconds = round(state["seconds"], 2)
-            bpd = "" if args.objective == "fm" else bpd
             log.write(step=step, loss=loss, bits_per_dim=bpd, nfe_forward=nfe, seconds=seconds)
 
     bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or not procs.is_writer)

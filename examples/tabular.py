@@ -339,13 +339,8 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         flow.train()
         x = train[train_batches(len(train), args.batch_size, guard.data_seed, step).to(device)]
         matching = name == "ffjord" and flow_matching_now(args, step, args.num_steps)
-        if (
-            name == "ffjord"
-            and args.objective == "fm+ml"
-            and not matching
-            and flow_matching_now(args, step - 1, args.num_steps)
-        ):
-            state.update(best_val=math.inf, bad_evals=0)
+        if name == "ffjord" and not matching and flow_matching_now(args, step - 1, args.num_steps):
+            state.update(best_val=math.inf, bad_evals=0)  # the first likelihood step of fm+ml
         if matching:
             loss = flow_matching_step(flow.cnfs()[0], flow.scaled(x), optimizer, args)
         else:

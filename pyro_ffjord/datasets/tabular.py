@@ -162,11 +162,12 @@ def load_power(root: PathLike | None = None) -> TabularData:
     Returns:
         The splits (MAF sizes: 1,659,917 / 184,435 / 204,928), with their ``source``.
     """
-    maf = resolve_root(root) / "power/data.npy"
+    root = resolve_root(root)
+    maf = root / "power/data.npy"
     if maf.is_file():
         x, source = _load_npy(maf, ncols=8), f"MAF's {maf}"
     else:
-        x, source = load_power_source(resolve_root(root))
+        x, source = load_power_source(root)
     rng = np.random.RandomState(42)
     rng.shuffle(x)
     x = np.delete(x, [1, 3], axis=1)  # -> active power, voltage, sub-meterings 1-3, time
