@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -39,12 +39,15 @@ from .divergence import (
 )
 from .regularizers import REGULARIZERS, jacobian_frobenius, kinetic_energy
 from .solve import (
+    LEAN_METHODS,
     ODESolveError,
     check_rescalable,
     check_solver_options,
     integrate,
+    integrate_fixed_grid,
     is_fixed_grid,
     nfe_budget,
+    stage_times,
     step_size_grid,
     time_options_in_units_of_s,
 )
@@ -174,7 +177,26 @@ class CNFDynamics:
                 f"net {type(self.flow.net).__name__} must return dz/dt shaped like z {tuple(z.shape)}, got {got}"
             )
 
-    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def on_grid(self, times: Sequence[float]) -> Callable[[int, tuple[Tensor, ...]], tuple[Tensor, ...]]:
+        """The dynamics at the i-th of ``times`` (for :func:`~pyro_ffjord.solve.integrate_fixed_grid`), with
+        the net's time terms folded for all of them at once where the net allows."""
+        like = self.flow.log_T
+        s = torch.tensor(times, dtype=like.dtype, device=like.device)
+        t = s * self.T if self.rescaled else s
+        fold_time = getattr(self.flow.net, "fold_time", None)
+        folded = fold_time(t) if fold_time is not None and self.flow.compile_arguments is None else None
+        t = t.unbind(0)
+        return lambda i, state: self(t[i], state, None if folded is None else folded[i], rescaled_time=False)
+
+    def __call__(
+        self,
+        s: Tensor,
+        state: tuple[Tensor, ...],
+        affines: list[tuple[Tensor, Tensor]] | None = None,
+        rescaled_time: bool = True,
+    ) -> tuple[Tensor, ...]:
+        """The derivatives at solver time ``s`` (``t = s T`` when rescaled, unless ``rescaled_time`` is False:
+        ``s`` is then ``t``); ``affines``: the net's folded time terms at that time (see ``ODENet.fold_time``)."""
         if self.forward_done:
             self.nfe_backward += 1
             nfe = self.nfe_backward
@@ -185,16 +207,17 @@ class CNFDynamics:
             raise self._fail(f"exceeded its step budget ({self.budget} evaluations)")
         create_graph = torch.is_grad_enabled()
         z = state[0]
-        t = s * self.T if self.rescaled else s
+        t = s * self.T if self.rescaled and rescaled_time else s
         context = () if self.context is None else (self.context,)
         if hasattr(self.flow.net, "forward_and_jacobian"):
             forward_and_jacobian = self.flow._forward_and_jacobian
+            folded = {} if affines is None else {"affines": affines}
             # forward mode: an ordinary graph (none at all under no_grad), no create_graph, no double backward
             if self.noise is None:
-                f, jacobian = forward_and_jacobian(t, z, *context)
+                f, jacobian = forward_and_jacobian(t, z, *context, **folded)
                 div, rows = divergence_from_jacobian(jacobian)
             else:
-                f, jvp = forward_and_jacobian(t, z, *context, tangents=self.noise.unsqueeze(-2))
+                f, jvp = forward_and_jacobian(t, z, *context, tangents=self.noise.unsqueeze(-2), **folded)
                 div, rows = divergence_hutchinson_jvp(jvp.squeeze(-2), self.noise)
         else:
             with torch.enable_grad():
@@ -369,6 +392,36 @@ class ContinuousFlow(nn.Module):
             loss = loss + self.regularization[name] * value.mean()
         return loss
 
+    def _num_steps(self, T: float) -> int:
+        """Steps of a fixed-grid solve with ``options["step_size"]`` over ``[0, T]``: T / step_size, the last one
+        shorter; a count that is an integer up to the rounding of T (a float32) is that integer, not one more
+        step of ~1e-7 that would cost a full step's evaluations."""
+        step_size = self.options["step_size"]
+        num_steps = T / step_size
+        if math.isclose(num_steps, round(num_steps), rel_tol=_STEP_COUNT_RTOL):
+            num_steps = round(num_steps)
+        num_steps = math.ceil(num_steps)
+        if num_steps > self.max_num_steps:
+            raise ODESolveError(
+                f"{self.method} with step_size={step_size} needs {num_steps} steps to "
+                f"cover T={T:.4g}, more than max_num_steps={self.max_num_steps}"
+            )
+        return num_steps
+
+    def _lean_grid(self, T: float, end: float, reverse: bool) -> list[float] | None:
+        """The times of a solve that runs without torchdiffeq (see :func:`~pyro_ffjord.solve.integrate_fixed_grid`),
+        from 0 to ``end`` (or back); None where torchdiffeq runs it: other methods, other options, or the adjoint."""
+        if (
+            self.method not in LEAN_METHODS
+            or set(self.options) - {"step_size", "interp"}
+            or (self.adjoint and torch.is_grad_enabled())
+        ):
+            return None
+        num_steps = self._num_steps(T)
+        step = end * self.options["step_size"] / T  # in units of the solve's time (s = t / T when rescaled)
+        start, stop, direction = (end, 0.0, -1.0) if reverse else (0.0, end, 1.0)
+        return [start + direction * k * step for k in range(num_steps)] + [stop]  # as step_size_grid
+
     def _solver_options(self, T: float, rescaled: bool, regularize: bool) -> dict[str, Any]:
         """The torchdiffeq options of one solve: ``self.options`` are in units of ``t``, converted to
         :math:`s = t / T` when the solve is ``rescaled``."""
@@ -377,19 +430,7 @@ class ContinuousFlow(nn.Module):
             if regularize:
                 options.setdefault("norm", _density_error_norm)
         elif options.get("step_size") is not None:
-            step_size = self.options["step_size"]
-            # T / step_size steps, the last one shorter; a count that is an integer up to the rounding of T
-            # (a float32) is that integer, not one more step of ~1e-7 that would cost a full step's evaluations.
-            num_steps = T / step_size
-            if math.isclose(num_steps, round(num_steps), rel_tol=_STEP_COUNT_RTOL):
-                num_steps = round(num_steps)
-            num_steps = math.ceil(num_steps)
-            if num_steps > self.max_num_steps:
-                raise ODESolveError(
-                    f"{self.method} with step_size={step_size} needs {num_steps} steps to "
-                    f"cover T={T:.4g}, more than max_num_steps={self.max_num_steps}"
-                )
-            options["grid_constructor"] = step_size_grid(num_steps, options.pop("step_size"))
+            options["grid_constructor"] = step_size_grid(self._num_steps(T), options.pop("step_size"))
         return options
 
     def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -417,18 +458,25 @@ class ContinuousFlow(nn.Module):
         if context is not None and context.requires_grad:
             adjoint_params.append(context)
         self._last_solve = func
-        final = integrate(
-            func,
-            state,
-            end=end,
-            reverse=reverse,
-            method=self.method,
-            rtol=self.rtol,
-            atol=self.atol,
-            options=self._solver_options(float(T.detach()), rescaled, regularize),
-            adjoint=self.adjoint,
-            adjoint_params=adjoint_params,
-        )
+        T_value = float(T.detach())
+        grid = self._lean_grid(T_value, end, reverse)
+        if grid is not None:
+            final = integrate_fixed_grid(
+                func.on_grid(stage_times(grid, self.method)), state, grid=grid, method=self.method
+            )
+        else:
+            final = integrate(
+                func,
+                state,
+                end=end,
+                reverse=reverse,
+                method=self.method,
+                rtol=self.rtol,
+                atol=self.atol,
+                options=self._solver_options(T_value, rescaled, regularize),
+                adjoint=self.adjoint,
+                adjoint_params=adjoint_params,
+            )
         func.forward_done = True
         y, logdet = final[:2]
         if not (torch.isfinite(y).all() and torch.isfinite(logdet).all()):

@@ -89,14 +89,13 @@ def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
 def _fold_gate_and_shift(
     weight: Tensor, bias: Tensor, gate: nn.Linear, shift: nn.Linear, t: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""The weight and bias of :math:`(W x + b) \odot \sigma(a t + c) + d t` at time ``t``.
+    r"""The weight and bias of :math:`(W x + b) \odot \sigma(a t + c) + d t` at time features ``t``.
 
-    The gate scales each output unit (a row of a linear weight, a kernel of a convolution's); ``t`` may be
-    a vector of time features, for which :math:`a t` and :math:`d t` are matrix products.
+    The gate scales each output unit (a row of a linear weight, a kernel of a convolution's). ``t`` holds the
+    features of one time ``(time_dim,)`` or of K times ``(K, time_dim)``, giving one weight and bias or K of them.
     """
-    tt = t.reshape(1, -1)
-    scale = torch.sigmoid(gate(tt)).reshape(-1)
-    return weight * scale.reshape(-1, *(1,) * (weight.dim() - 1)), torch.addcmul(shift(tt).reshape(-1), bias, scale)
+    scale = torch.sigmoid(gate(t))
+    return weight * scale[(..., *(None,) * (weight.dim() - 1))], torch.addcmul(shift(t), bias, scale)
 
 
 class _ConditionedLinear(nn.Module):
@@ -110,7 +109,8 @@ class _ConditionedLinear(nn.Module):
     linear: nn.Linear
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """The layer's weight ``(out, in)`` and bias ``(out,)`` at time features ``t``, without context."""
+        """The layer's weight ``(out, in)`` and bias ``(out,)`` at time features ``t`` ``(time_dim,)``, without
+        context; at K times ``(K, time_dim)``, K of each (a weight may then be shared by all times)."""
         raise NotImplementedError
 
     def conditioned(
@@ -123,16 +123,22 @@ class _ConditionedLinear(nn.Module):
         return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
 
     def forward_and_jvp(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None = None, jvp: bool = True
+        self,
+        t: Tensor,
+        x: Tensor,
+        tangents: Tensor | None,
+        context: Tensor | None = None,
+        jvp: bool = True,
+        affine: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`).
 
         ``t`` holds time features (see :func:`time_features`): ``(time_dim,)`` for the whole batch or
-        ``(N, time_dim)`` per sample.
+        ``(N, time_dim)`` per sample. ``affine``: this layer's :meth:`affine` at ``t``, computed beforehand.
         """
-        if context is not None or t.dim() > 1:
+        if affine is None and (context is not None or t.dim() > 1):
             return self.conditioned(t, x, tangents, context, jvp)
-        weight, bias = self.affine(t.to(x))
+        weight, bias = self.affine(t.to(x)) if affine is None else affine
         return F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
 
 
@@ -169,7 +175,7 @@ class SquashLinear(_ConditionedLinear):
         self.gate = nn.Linear(time_dim + context_dim, out_features)
 
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        gate = torch.sigmoid(self.gate(t.reshape(1, -1))).reshape(-1)
+        gate = torch.sigmoid(self.gate(t))
         return self.linear.weight * gate.unsqueeze(-1), self.linear.bias * gate
 
     def conditioned(
@@ -192,7 +198,7 @@ class ConcatLinear(_ConditionedLinear):
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
         weight = self.linear.weight
         time_weight = weight[:, self.in_features : self.in_features + self.time_dim]
-        return weight[:, : self.in_features], torch.addmv(self.linear.bias, time_weight, t.reshape(-1))
+        return weight[:, : self.in_features], F.linear(t, time_weight, self.linear.bias)
 
     def conditioned(
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
@@ -271,6 +277,7 @@ class ODENet(nn.Module):
         check_choice("activation", activation, ACTIVATIONS)
         self.input_dim = input_dim
         self.context_dim = context_dim
+        self._layer_context_dim = context_dim  # what the layers see; an amortized net's context bypasses them
         self._hidden_dims = hidden_dims
         widths = (input_dim, *hidden_dims, input_dim)
         time_dim = 1 + 2 * time_frequencies
@@ -305,8 +312,29 @@ class ODENet(nn.Module):
                 h = self.activation(h)
         return h
 
+    def fold_time(self, t: Tensor) -> list[list[tuple[Tensor, Tensor]]] | None:
+        """The time terms of every layer at each of the times ``t`` ``(K,)``, for :meth:`forward_and_jacobian`'s
+        ``affines``: computed for all K at once, as a solve on a known grid allows. None when the layers also
+        see a context, which makes their terms per sample."""
+        if self._layer_context_dim:
+            return None
+        times = time_features(t, self.frequencies).reshape(t.shape[0], -1)
+        per_layer = []
+        for layer in self.layers:
+            weight, bias = layer.affine(times)
+            # a term that the time does not change (no time dimension) is shared by every time
+            weights = weight.unbind(0) if weight.dim() == 3 else (weight,) * t.shape[0]
+            biases = bias.unbind(0) if bias.dim() == 2 else (bias,) * t.shape[0]
+            per_layer.append(list(zip(weights, biases)))
+        return [list(per_time) for per_time in zip(*per_layer)]
+
     def forward_and_jacobian(
-        self, t: Tensor, z: Tensor, context: Tensor | None = None, tangents: Tensor | None = None
+        self,
+        t: Tensor,
+        z: Tensor,
+        context: Tensor | None = None,
+        tangents: Tensor | None = None,
+        affines: list[tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor]:
         r"""``f(t, z)`` and Jacobian-vector products :math:`J v_j`, :math:`J = \partial f / \partial z`.
 
@@ -316,7 +344,8 @@ class ODENet(nn.Module):
         :math:`\epsilon^\top J \epsilon`; ``None`` stands for the D basis vectors, so the result is
         :math:`J^\top` (the exact trace, where autograd needs D vector-Jacobian products). Either way it
         is an ordinary differentiable graph: the dynamics need no ``create_graph`` (no double backward
-        in training) and, under ``torch.no_grad``, record nothing at all.
+        in training) and, under ``torch.no_grad``, record nothing at all. ``affines``: one time's entry
+        of :meth:`fold_time`, which then stands for ``t``.
 
         Example:
             >>> net = ODENet(3, (8,))
@@ -334,7 +363,7 @@ class ODENet(nn.Module):
         t = time_features(t.to(z), self.frequencies)
         h, jvp = z, tangents
         for i in range(len(self.layers)):
-            pre, jvp = self._layer(i, t, h, jvp, context, jvp=True)
+            pre, jvp = self._layer(i, t, h, jvp, context, jvp=True, affine=None if affines is None else affines[i])
             if i < len(self.layers) - 1:
                 h = self.activation(pre)
                 jvp = self._activation_jvp(jvp, pre.unsqueeze(-2), h.unsqueeze(-2))
@@ -343,12 +372,19 @@ class ODENet(nn.Module):
         return h, jvp.expand(z.shape[0], *jvp.shape[1:])
 
     def _layer(
-        self, i: int, t: Tensor, h: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
+        self,
+        i: int,
+        t: Tensor,
+        h: Tensor,
+        tangents: Tensor | None,
+        context: Tensor | None,
+        jvp: bool,
+        affine: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Pre-activation of layer ``i`` at time features ``t`` and, if ``jvp``, the tangents pushed through it."""
         if not jvp:
             return self.layers[i](t, h, context), None
-        return self.layers[i].forward_and_jvp(t, h, tangents, context)
+        return self.layers[i].forward_and_jvp(t, h, tangents, context, affine=affine)
 
 
 class AmortizedLowRankODENet(ODENet):
@@ -405,10 +441,17 @@ class AmortizedLowRankODENet(ODENet):
         return u.view(-1, w_in, self.rank) / math.sqrt(w_in * self.rank), v.view(-1, self.rank, w_out), b
 
     def _layer(
-        self, i: int, t: Tensor, h: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
+        self,
+        i: int,
+        t: Tensor,
+        h: Tensor,
+        tangents: Tensor | None,
+        context: Tensor | None,
+        jvp: bool,
+        affine: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         u, v, b = self._low_rank(i, context)
-        pre, jvp_out = super()._layer(i, t, h, tangents, None, jvp)
+        pre, jvp_out = super()._layer(i, t, h, tangents, None, jvp, affine)
         pre = pre + torch.bmm(torch.bmm(h.unsqueeze(1), u), v).squeeze(1) + b
         if jvp:  # tangents (N, k, in) -> (N, k, out); the identity gives (U V) itself
             jvp_out = jvp_out + torch.bmm(u if tangents is None else torch.bmm(tangents, u), v)

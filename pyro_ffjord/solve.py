@@ -132,6 +132,61 @@ def nfe_budget(method: str, max_num_steps: int, options: Mapping[str, Any] | Non
     return max_num_steps * evals_per_step(method, options) + extra
 
 
+# Butcher tableaus (nodes, stage coefficients, weights) of the fixed-grid solvers that run without torchdiffeq:
+# the same arithmetic as torchdiffeq's euler, midpoint and rk4 (its 3/8-rule rk4_alt_step_func).
+_TABLEAUS: dict[str, tuple[tuple[float, ...], tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
+    "euler": ((0.0,), ((),), (1.0,)),
+    "midpoint": ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+    "rk4": ((0.0, 1 / 3, 2 / 3, 1.0), ((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)), (0.125, 0.375, 0.375, 0.125)),
+}
+LEAN_METHODS = tuple(_TABLEAUS)
+
+
+def _combine(y: tuple[Tensor, ...], h: float, weights: Sequence[float], ks: Sequence[tuple[Tensor, ...]]):
+    r""":math:`y + h \sum_j w_j k_j` for every component of the state."""
+    out = []
+    for i, yi in enumerate(y):
+        for w, k in zip(weights, ks):
+            if w:
+                yi = torch.add(yi, k[i], alpha=h * w)
+        out.append(yi)
+    return tuple(out)
+
+
+def stage_times(grid: Sequence[float], method: str) -> list[float]:
+    """The times at which :func:`integrate_fixed_grid` evaluates the dynamics, in order."""
+    nodes = _TABLEAUS[method][0]
+    return [s0 + c * (s1 - s0) for s0, s1 in zip(grid[:-1], grid[1:]) for c in nodes]
+
+
+def integrate_fixed_grid(
+    func: Callable[[int, tuple[Tensor, ...]], tuple[Tensor, ...]],
+    state: tuple[Tensor, ...],
+    *,
+    grid: Sequence[float],
+    method: str,
+) -> tuple[Tensor, ...]:
+    """Runge-Kutta steps of ``d state/ds = f(s, state)`` between consecutive times of ``grid``.
+
+    The solve path without an ODE library's per-step bookkeeping: a loop over the stages, differentiated by
+    autograd (no adjoint). ``func(i, state)`` is :math:`f` at the i-th of :func:`stage_times`, so that
+    whatever depends on the time alone can be computed for all of them beforehand.
+
+    Returns:
+        The state at ``grid[-1]``.
+    """
+    _, stages, weights = _TABLEAUS[method]
+    evaluation = 0
+    for s0, s1 in zip(grid[:-1], grid[1:]):
+        h = s1 - s0
+        ks: list[tuple[Tensor, ...]] = []
+        for stage in stages:
+            ks.append(func(evaluation, _combine(state, h, stage, ks)))
+            evaluation += 1
+        state = _combine(state, h, weights, ks)
+    return state
+
+
 def step_size_grid(num_steps: int, step_size: float) -> Callable[[Any, Tensor, Tensor], Tensor]:
     """A torchdiffeq ``grid_constructor``: ``num_steps`` steps of ``step_size`` from ``t[0]``, the last one ending
     at ``t[-1]``.
