@@ -37,6 +37,14 @@ def _cnf_blocks(
     )
 
 
+def _solver_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """The guide's solver unless the user names one: a fixed rk4 grid and the exact trace (see :class:`AutoFFJORD`)."""
+    defaults: dict[str, Any] = {"divergence": "exact", "adjoint": False}
+    if "method" not in options:
+        defaults.update(method="rk4", options={"step_size": 0.25 * options.get("T", 1.0)})
+    return defaults
+
+
 class AutoFFJORD(AutoNormalizingFlow):
     r"""Autoguide with a free-form CNF posterior (Grathwohl et al., 2019) on the packed latent.
 
@@ -91,6 +99,7 @@ class AutoFFJORD(AutoNormalizingFlow):
             raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
         if prefix is not None and (not isinstance(prefix, str) or not prefix):
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        options = {**_solver_defaults(options), **options}
         with torch.device("meta"):  # fail now rather than at the first guide call; meta draws no random numbers
             ffjord(1, hidden_dims, layer, activation, **options)
         init_transform_fn = partial(_cnf_blocks, num_transforms, hidden_dims, layer, activation, options)
@@ -109,12 +118,23 @@ class AutoFFJORD(AutoNormalizingFlow):
         """Standard normal on the packed latent, on the device and dtype of the guide."""
         return dist.Normal(torch.zeros_like(self.loc), 1.0).to_event(1)
 
-    def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransform:
-        """The CNF blocks followed by the affine map :math:`u \\mapsto \\mu + \\sigma \\odot u`."""
+    def _posterior_transform(self, exact: bool) -> ComposeTransform:
+        """The CNF blocks (with the exact trace if ``exact``) followed by :math:`u \\mapsto \\mu + \\sigma \\odot u`."""
+        parts = self.transform.parts
         # cache_size=1 lets log_prob of a fresh sample recover the CNF's output by identity,
         # so that the CNF answers from its own cache instead of solving again.
         affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
-        return ComposeTransform([self.transform, affine])
+        return ComposeTransform([*(part.with_exact_trace() if exact else part for part in parts), affine])
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
+        """The guide's distribution as it is trained: its CNFs solve with the guide's own settings."""
+        return dist.TransformedDistribution(self.get_base_dist(), self._posterior_transform(exact=False))
+
+    def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransform:
+        """The CNF blocks followed by the affine map :math:`u \\mapsto \\mu + \\sigma \\odot u`, with the exact
+        trace whatever ``divergence`` the guide trains with: a consumer of the transform, such as
+        :class:`~pyro.infer.reparam.NeuTraReparam`'s HMC potential, needs a deterministic log-determinant."""
+        return self._posterior_transform(exact=True)
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Samples the packed latent; under inference, adds the RNODE penalty of its solve as a guide factor."""

@@ -130,7 +130,12 @@ class NFE(NamedTuple):
 
 
 class CNFDynamics:
-    """Augmented dynamics of one solve: ``(z, logdet[, kinetic, jacobian])``.
+    r"""Augmented dynamics of one solve: ``(z, logdet[, kinetic, jacobian])``.
+
+    With ``map_jacobian`` the second state is instead :math:`\Phi^\top`, the transposed Jacobian of the state
+    with respect to its start, whose rows move as :math:`d(\Phi^\top)/dt = (J \Phi)^\top`: D tangents pushed
+    forward through the net, the cost of the exact trace. Runge-Kutta steps commute with this linearization, so
+    after a fixed-grid solve it is the Jacobian of the numerical map itself.
 
     A fresh instance per solve holds that solve's noise and context, so that the adjoint backward
     pass, which may run after other solves, integrates exactly the forward pass's dynamics.
@@ -144,8 +149,10 @@ class CNFDynamics:
         context: Tensor | None,
         noise: Tensor | None,
         regularize: bool,
+        map_jacobian: bool = False,
     ) -> None:
         self.flow = flow
+        self.map_jacobian = map_jacobian
         self.T = T
         self.rescaled = rescaled
         self.context = context
@@ -213,7 +220,13 @@ class CNFDynamics:
             forward_and_jacobian = self.flow._forward_and_jacobian
             folded = {} if affines is None else {"affines": affines}
             # forward mode: an ordinary graph (none at all under no_grad), no create_graph, no double backward
-            if self.noise is None:
+            if self.map_jacobian:
+                d = z.shape[-1]
+                identity = torch.eye(d, dtype=z.dtype, device=z.device).expand(z.shape[0], d, d)
+                tangents = torch.cat([state[1], identity], dim=1) if self.regularize else state[1]
+                f, jvp = forward_and_jacobian(t, z, *context, tangents=tangents, **folded)
+                div, rows = jvp[:, :d], jvp[:, d:].transpose(0, 1)  # d(Phi^T)/dt, and J^T's rows for the penalty
+            elif self.noise is None:
                 f, jacobian = forward_and_jacobian(t, z, *context, **folded)
                 div, rows = divergence_from_jacobian(jacobian)
             else:
@@ -433,13 +446,16 @@ class ContinuousFlow(nn.Module):
             options["grid_constructor"] = step_size_grid(self._num_steps(T), options.pop("step_size"))
         return options
 
-    def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, reverse: bool = False, exact: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Flows ``x`` from t=0 to t=T (from T to 0 if ``reverse``).
 
         Args:
             x: states, shape ``(N, D)``.
             context: shape ``(N, C)`` or None.
             reverse: integrate backward in time.
+            exact: the exact divergence whatever ``divergence`` says (a deterministic log-determinant).
 
         Returns:
             The flowed states and :math:`\\log|\\det \\partial y / \\partial x|`, shape ``(N,)``.
@@ -450,21 +466,25 @@ class ContinuousFlow(nn.Module):
         rescaled = self.log_T.requires_grad
         end = 1.0 if rescaled else float(T)
         regularize = bool(self.regularization) and torch.is_grad_enabled()
-        noise = sample_noise(x, self.noise) if self.divergence == "hutchinson" else None
-        func = CNFDynamics(self, T, rescaled, context, noise, regularize)
-        zeros = x.new_zeros(x.shape[0])
-        state = (x, zeros, zeros, zeros) if regularize else (x, zeros)
-        adjoint_params = [p for p in self.parameters() if p.requires_grad]
-        if context is not None and context.requires_grad:
-            adjoint_params.append(context)
-        self._last_solve = func
+        noise = sample_noise(x, self.noise) if self.divergence == "hutchinson" and not exact else None
         T_value = float(T.detach())
         grid = self._lean_grid(T_value, end, reverse)
+        # On a fixed grid without the adjoint, the exact log-determinant is that of the numerical map itself
+        map_jacobian = grid is not None and noise is None and hasattr(self.net, "forward_and_jacobian")
+        func = CNFDynamics(self, T, rescaled, context, noise, regularize, map_jacobian)
+        zeros = x.new_zeros(x.shape[0])
+        d = x.shape[-1]
+        density = torch.eye(d, dtype=x.dtype, device=x.device).expand(x.shape[0], d, d) if map_jacobian else zeros
+        state = (x, density, zeros, zeros) if regularize else (x, density)
+        self._last_solve = func
         if grid is not None:
             final = integrate_fixed_grid(
                 func.on_grid(stage_times(grid, self.method)), state, grid=grid, method=self.method
             )
         else:
+            adjoint_params = [p for p in self.parameters() if p.requires_grad]
+            if context is not None and context.requires_grad:
+                adjoint_params.append(context)
             final = integrate(
                 func,
                 state,
@@ -479,6 +499,8 @@ class ContinuousFlow(nn.Module):
             )
         func.forward_done = True
         y, logdet = final[:2]
+        if map_jacobian:
+            logdet = torch.linalg.slogdet(logdet).logabsdet
         if not (torch.isfinite(y).all() and torch.isfinite(logdet).all()):
             raise func._fail("produced non-finite values")
         # Integrated backward in time, the regularizer states accumulate with a negative sign.

@@ -117,6 +117,7 @@ class _CNFTransform:
     _flow: ContinuousFlow
     _context: Tensor | None
     _record: _SolveRecord | None = None
+    _exact = False  # the exact divergence whatever the flow's setting
 
     def _flows(self) -> list[ContinuousFlow]:
         """The CNFs a solve runs."""
@@ -128,7 +129,8 @@ class _CNFTransform:
         return [*f.parameters(), *f.buffers(), *(() if self._context is None else (self._context,))]
 
     def _settings(self) -> tuple:
-        return torch.is_grad_enabled(), tuple(repr(getattr(f, name)) for f in self._flows() for name in SOLVER_SETTINGS)
+        settings = tuple(repr(getattr(f, name)) for f in self._flows() for name in SOLVER_SETTINGS)
+        return torch.is_grad_enabled(), self._exact, settings
 
     def _record_solve(self, base: Tensor, data: Tensor, log_abs_det: Tensor) -> _SolveRecord:
         self._record = _SolveRecord(log_abs_det, self._settings(), _TensorState((base, data, *self._read())))
@@ -148,7 +150,7 @@ class _CNFTransform:
         if flat.shape[0] == 0:
             out, logdet = flat.clone(), flat.new_zeros(0)
         else:
-            out, logdet = flow(flat, context, reverse=reverse)
+            out, logdet = flow(flat, context, reverse=reverse, exact=self._exact)
         return out.reshape(batch + value.shape[-1:]), logdet.reshape(batch)
 
     def _call(self, z: Tensor) -> Tensor:
@@ -192,6 +194,17 @@ class _CNFTransform:
         return state
 
 
+class _ExactTrace(_CNFTransform, Transform):
+    """A vector CNF transform with the exact divergence in every solve (see :meth:`FFJORD.with_exact_trace`)."""
+
+    _exact = True
+
+    def __init__(self, flow: ContinuousFlow, context: Tensor | None) -> None:
+        super().__init__(cache_size=0)
+        self._flow = flow
+        self._context = context
+
+
 class FFJORD(_CNFTransform, TransformModule):
     r"""Free-form Jacobian of reversible dynamics (Grathwohl et al., 2019), a CNF on real vectors.
 
@@ -226,6 +239,12 @@ class FFJORD(_CNFTransform, TransformModule):
     def _flow(self) -> ContinuousFlow:
         return self.flow
 
+    def with_exact_trace(self) -> Transform:
+        """This transform with the exact divergence in every solve, whatever its ``divergence``: a deterministic
+        log-determinant, as an HMC potential (:class:`~pyro.infer.reparam.NeuTraReparam`) or an evaluation
+        needs. It shares the flow, so it follows every later change of the parameters."""
+        return _ExactTrace(self.flow, None)
+
     _context = None
 
 
@@ -240,6 +259,10 @@ class ConditionedFFJORD(_CNFTransform, Transform):
         super().__init__(cache_size=0)
         self._flow = flow
         self._context = _check_tensor("context", context, flow.context_dim, flow.log_T)
+
+    def with_exact_trace(self) -> Transform:
+        """See :meth:`FFJORD.with_exact_trace`."""
+        return _ExactTrace(self._flow, self._context)
 
 
 class ConditionalFFJORD(ConditionalTransformModule):
