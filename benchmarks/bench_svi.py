@@ -28,9 +28,10 @@ import math
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -60,14 +61,14 @@ def banana(data: None) -> None:
 
 def funnel(data: None) -> None:
     y = pyro.sample("y", dist.Normal(0.0, 3.0))
-    pyro.sample("x", dist.Normal(torch.zeros(9), torch.exp(y / 2)).to_event(1))
+    pyro.sample("x", dist.Normal(torch.zeros(9), torch.exp(y / 2).unsqueeze(-1)).to_event(1))
 
 
 def logistic(data: tuple[torch.Tensor, torch.Tensor]) -> None:
     features, labels = data
     w = pyro.sample("w", dist.Normal(torch.zeros(features.shape[1]), 1.0).to_event(1))
     with pyro.plate("data", features.shape[0]):
-        pyro.sample("y", dist.Bernoulli(logits=features @ w), obs=labels)
+        pyro.sample("y", dist.Bernoulli(logits=w @ features.T), obs=labels)
 
 
 def make_data(name: str) -> Any:

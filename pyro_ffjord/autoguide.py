@@ -18,6 +18,7 @@ from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.nn import PyroParam
 from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
+from torch.distributions import Transform
 
 from ._checks import check_int
 from .transforms import ffjord
@@ -118,29 +119,32 @@ class AutoFFJORD(AutoNormalizingFlow):
         """Standard normal on the packed latent, on the device and dtype of the guide."""
         return dist.Normal(torch.zeros_like(self.loc), 1.0).to_event(1)
 
-    def _posterior_transform(self, exact: bool) -> ComposeTransform:
-        """The CNF blocks (with the exact trace if ``exact``) followed by :math:`u \\mapsto \\mu + \\sigma \\odot u`."""
-        parts = self.transform.parts
+    def _posterior_transform(self, blocks: Sequence[Transform], exact: bool) -> ComposeTransform:
+        """The CNF ``blocks`` (the exact trace if ``exact``), then :math:`u \\mapsto \\mu + \\sigma \\odot u`."""
         # cache_size=1 lets log_prob of a fresh sample recover the CNF's output by identity,
         # so that the CNF answers from its own cache instead of solving again.
         affine = AffineTransform(self.loc, self.scale, event_dim=1, cache_size=1)
-        return ComposeTransform([*(part.with_exact_trace() if exact else part for part in parts), affine])
+        return ComposeTransform([*(block.with_exact_trace() if exact else block for block in blocks), affine])
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         """The guide's distribution as it is trained: its CNFs solve with the guide's own settings."""
-        return dist.TransformedDistribution(self.get_base_dist(), self._posterior_transform(exact=False))
+        return dist.TransformedDistribution(
+            self.get_base_dist(), self._posterior_transform(self.transform.parts, False)
+        )
 
     def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransform:
         """The CNF blocks followed by the affine map :math:`u \\mapsto \\mu + \\sigma \\odot u`, with the exact
         trace whatever ``divergence`` the guide trains with: a consumer of the transform, such as
         :class:`~pyro.infer.reparam.NeuTraReparam`'s HMC potential, needs a deterministic log-determinant."""
-        return self._posterior_transform(exact=True)
+        return self._posterior_transform(self.transform.parts, True)
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Samples the packed latent; under inference, adds the RNODE penalty of its solve as a guide factor."""
-        flows = [part.flow for part in self.transform.parts]
+        blocks = self.transform.parts  # read once: every read registers the CNFs' parameters with Pyro again
+        posterior = dist.TransformedDistribution(self.get_base_dist(), self._posterior_transform(blocks, False))
+        flows = [block.flow for block in blocks]
         solves = [flow._last_solve for flow in flows]
-        latent = super().sample_latent(*args, **kwargs)
+        latent = pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
         # A replayed or conditioned latent is not solved here: the last penalty would belong to another sample.
         solved = all(flow._last_solve is not solve for flow, solve in zip(flows, solves))
         if solved and am_i_wrapped() and torch.is_grad_enabled() and any(flow.regularization for flow in flows):
