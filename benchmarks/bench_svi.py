@@ -68,7 +68,7 @@ def logistic(data: tuple[torch.Tensor, torch.Tensor]) -> None:
     features, labels = data
     w = pyro.sample("w", dist.Normal(torch.zeros(features.shape[1]), 1.0).to_event(1))
     with pyro.plate("data", features.shape[0]):
-        pyro.sample("y", dist.Bernoulli(logits=w @ features.T), obs=labels)
+        pyro.sample("y", dist.Bernoulli(logits=(w * features).sum(-1)), obs=labels)  # w: (..., 1, 24)
 
 
 def make_data(name: str) -> Any:
