@@ -949,3 +949,51 @@ def test_conjugate_gaussian_posterior(divergence):
     mean_err, cov_err = posterior_errors(guide)
     assert mean_err < mean_tol, mean_err
     assert cov_err < cov_tol, cov_err
+
+
+def banana():
+    z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+    pyro.sample("z2", dist.Normal(z1**2 - 1.0, 0.5))
+
+
+@pytest.mark.parametrize("options", [{}, {"divergence": "hutchinson"}], ids=["defaults", "trained-hutchinson"])
+def test_neutra_potential_is_deterministic_and_exact(options):
+    """NeuTra gets the potential of the map the guide's transform applies, whatever the guide trained with: the
+    same value at every call (fresh tensors, fresh random state), equal to -log p(T(u)) - log|det dT/du| with the
+    Jacobian by brute force."""
+    pyro.set_rng_seed(0)
+    guide = AutoFFJORD(banana, hidden_dims=(8,), **options)
+    svi = SVI(banana, guide, Adam({"lr": 0.02}), Trace_ELBO())
+    for _ in range(20):
+        svi.step()
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    _, potential, _, _ = initialize_model(neutra.reparam(banana))
+    u = torch.tensor([0.3, -0.7])
+    values = []
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        values.append(potential({"z1_shared_latent": u.clone()}))
+    assert values[0] == values[1] == values[2]
+    transform = guide.get_transform()
+    x = transform(u)
+    jacobian = torch.autograd.functional.jacobian(transform, u)
+    log_p = dist.Normal(0.0, 1.0).log_prob(x[0]) + dist.Normal(x[0] ** 2 - 1.0, 0.5).log_prob(x[1])
+    expected = -(log_p + torch.linalg.slogdet(jacobian).logabsdet)
+    torch.testing.assert_close(values[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_guide_recovers_the_conjugate_posterior():
+    """AutoFFJORD as a user builds it, 300 steps of Adam with a decaying rate: mean within 0.1 and covariance
+    within 0.12 (over seeds 0-4: within 0.072 and 0.066)."""
+    pyro.set_rng_seed(0)
+    guide = AutoFFJORD(conjugate_model)
+    guide(Y)
+    mean_err, cov_err = posterior_errors(guide)
+    assert mean_err > 0.2 or cov_err > 0.24, (mean_err, cov_err)  # untrained, it is far off
+    optim = ClippedAdam({"lr": 0.05, "lrd": 0.05 ** (1 / 300)})
+    svi = SVI(conjugate_model, guide, optim, Trace_ELBO(num_particles=8, vectorize_particles=True))
+    for _ in range(300):
+        svi.step(Y)
+    mean_err, cov_err = posterior_errors(guide)
+    assert mean_err < 0.1, mean_err
+    assert cov_err < 0.12, cov_err
