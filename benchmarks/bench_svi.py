@@ -14,7 +14,10 @@ rtol = atol = 1e-3, Hutchinson's trace: the settings of the FFJORD paper, loosen
 neural spline flow through ``pyro.contrib.zuko``). Each runs in its own process on one CPU thread with Adam
 (lr 0.01). Timing: median of ``--steps`` SVI steps after 5 warm-up steps, for 1 and 8 vectorized particles.
 Quality: each guide trains for ``--budget`` seconds (8 particles); then the ELBO from 4,000 draws, and the
-error of the posterior mean and covariance (largest entry, in posterior standard deviations for the mean).
+error of the posterior mean and covariance (largest entry, in posterior standard deviations for the mean);
+for AutoFFJORD also ``logdet_error``, the largest gap between the log-determinant of a solve and that of the map
+it computes (autograd Jacobian), and on ``banana`` the seconds of ``Predictive(..., num_samples=2000)``,
+parallel and sequential.
 
     python benchmarks/bench_svi.py                          # every model and contender
     python benchmarks/bench_svi.py --models conjugate --contenders ffjord,iaf --budget 10
@@ -37,7 +40,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import spline_coupling
-from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoContinuous, AutoIAFNormal, AutoMultivariateNormal, AutoNormalizingFlow
 from pyro.optim import Adam
 
@@ -195,6 +198,12 @@ def run_one(
         guide, times = fit(name, contender, 8, ffjord_options, budget=budget)
         row["steps_in_budget"] = len(times)
         row.update(quality(name, guide, truth))
+        if name == "banana":  # drawing from the fitted guide the usual Pyro ways (a model without plates, which
+            # Predictive(parallel=True) needs when a site has an event shape)
+            for parallel in (True, False):
+                tic = time.perf_counter()
+                Predictive(banana, guide=guide, num_samples=2000, parallel=parallel)(None)
+                row[f"predictive_{'parallel' if parallel else 'sequential'}_s"] = time.perf_counter() - tic
     except Exception as error:  # a contender that cannot run this model is reported, not fatal
         row["error"] = f"{type(error).__name__}: {error}"[:300]
     return row
