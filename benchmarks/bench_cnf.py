@@ -615,7 +615,8 @@ def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
             continue
         row["sec_per_iter_vs_ref"] = row["sec_per_iter"] / ref["sec_per_iter"]
         row["race_sec_per_iter_vs_ref"] = row["race_sec_per_iter"] / ref["race_sec_per_iter"]
-        row["memory_vs_ref"] = row["peak_memory_mib"] / ref["peak_memory_mib"]
+        # a CPU max-RSS increase can be 0 when the child's start-up already set the high-water mark
+        row["memory_vs_ref"] = row["peak_memory_mib"] / ref["peak_memory_mib"] if ref["peak_memory_mib"] else None
         row["test_nll_minus_ref"] = row["test_nll"] - ref["test_nll"]
 
 
