@@ -16,8 +16,8 @@ neural spline flow through ``pyro.contrib.zuko``). Each runs in its own process 
 Quality: each guide trains for ``--budget`` seconds (8 particles); then the ELBO from 4,000 draws, and the
 error of the posterior mean and covariance (largest entry, in posterior standard deviations for the mean);
 for AutoFFJORD also ``logdet_error``, the largest gap between the log-determinant of a solve and that of the map
-it computes (autograd Jacobian), and on ``banana`` the seconds of ``Predictive(..., num_samples=2000)``,
-parallel and sequential.
+it computes (autograd Jacobian), and on ``banana`` the seconds of ``Predictive(..., num_samples=2000)``
+(``--predictive``), parallel and sequential.
 
     python benchmarks/bench_svi.py                          # every model and contender
     python benchmarks/bench_svi.py --models conjugate --contenders ffjord,iaf --budget 10
@@ -184,9 +184,9 @@ def logdet_error(guide: pf.AutoFFJORD, draws: int = 100) -> float:
 
 
 def run_one(
-    task: tuple[str, str, float, int, dict[str, Any]], truth: tuple[torch.Tensor, torch.Tensor]
+    task: tuple[str, str, float, int, dict[str, Any], int], truth: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, Any]:
-    name, contender, budget, steps, ffjord_options = task
+    name, contender, budget, steps, ffjord_options, predictive_samples = task
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name, "contender": contender}
     if contender == "ffjord" and ffjord_options:
@@ -204,7 +204,7 @@ def run_one(
             # Predictive(parallel=True) needs when a site has an event shape)
             for parallel in (True, False):
                 tic = time.perf_counter()
-                Predictive(banana, guide=guide, num_samples=2000, parallel=parallel)(None)
+                Predictive(banana, guide=guide, num_samples=predictive_samples, parallel=parallel)(None)
                 row[f"predictive_{'parallel' if parallel else 'sequential'}_s"] = time.perf_counter() - tic
     except Exception as error:  # a contender that cannot run this model is reported, not fatal
         row["error"] = f"{type(error).__name__}: {error}"[:300]
@@ -215,7 +215,8 @@ def main(args: argparse.Namespace) -> None:
     rows = []
     for name in args.models.split(","):
         truth = true_moments(name, make_data(name)) if args.budget > 0 else None
-        tasks = [(name, c, args.budget, args.steps, json.loads(args.ffjord)) for c in args.contenders.split(",")]
+        options = json.loads(args.ffjord)
+        tasks = [(name, c, args.budget, args.steps, options, args.predictive) for c in args.contenders.split(",")]
         # one process per contender: no state shared through Pyro's param store or torch's caches
         with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
             results = pool.starmap(run_one, [(task, truth) for task in tasks])
@@ -243,6 +244,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--jobs", type=int, default=1, help="contenders run at once, one thread each (default: %(default)s)"
     )
+    parser.add_argument("--predictive", type=int, default=2000, help="Predictive draws timed (default: %(default)s)")
     parser.add_argument("--ffjord", default="{}", help="AutoFFJORD options of the ffjord contender, as JSON")
     parser.add_argument("--out", default="", help="JSON file for the rows")
     main(parser.parse_args())

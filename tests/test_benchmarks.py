@@ -129,3 +129,18 @@ def test_bench_flow_matching_smoke(tmp_path):
     assert rows["maf"]["minus_maf"] == 0
     assert all(rows[name]["sample_nfe"] > 0 for name in ("fm", "fm-ot", "ml", "fm+ml"))
     assert report["reference"]["name"] == "true density" and math.isfinite(report["reference"]["test_nll"])
+
+
+def test_bench_svi_smoke(tmp_path):
+    """AutoFFJORD's defaults against AutoIAFNormal on the banana, one second each: every figure finite, the
+    guide's log-determinant that of its map, and ratios to AutoIAFNormal."""
+    out = tmp_path / "svi.json"
+    command = [sys.executable, str(BENCH.parent / "bench_svi.py"), "--models", "banana", "--contenders", "ffjord,iaf"]
+    command += ["--budget", "1", "--steps", "2", "--predictive", "20", "--out", str(out)]
+    run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout
+    rows = {row["contender"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"ffjord", "iaf"} and all("error" not in row for row in rows.values()), rows
+    assert rows["ffjord"]["logdet_error"] < 1e-3
+    assert rows["iaf"]["ratio_to_iaf_1"] == 1.0 and rows["ffjord"]["ratio_to_iaf_8"] > 0
+    assert all(math.isfinite(n) for n in _numbers(list(rows.values())))
