@@ -75,13 +75,18 @@ def logistic(data: tuple[torch.Tensor, torch.Tensor]) -> None:
 
 
 def make_data(name: str) -> Any:
-    generator = torch.Generator().manual_seed(0)
-    if name == "conjugate":
-        return torch.tensor([1.0, -0.5]) + NOISE_SCALE * torch.randn(5, 2, generator=generator)
-    if name == "logistic":
-        features = torch.randn(200, 24, generator=generator)
-        w = torch.randn(24, generator=generator)
-        return features, torch.bernoulli(torch.sigmoid(features @ w), generator=generator)
+    """The model's data, drawn on the CPU (the same on every device), on the default device."""
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        generator = torch.Generator().manual_seed(0)
+        if name == "conjugate":
+            return (torch.tensor([1.0, -0.5]) + NOISE_SCALE * torch.randn(5, 2, generator=generator)).to(device)
+        if name == "logistic":
+            features = torch.randn(200, 24, generator=generator)
+            labels = torch.bernoulli(
+                torch.sigmoid(features @ torch.randn(24, generator=generator)), generator=generator
+            )
+            return features.to(device), labels.to(device)
     return None
 
 
@@ -184,10 +189,12 @@ def logdet_error(guide: pf.AutoFFJORD, draws: int = 100) -> float:
 
 
 def run_one(
-    task: tuple[str, str, float, int, dict[str, Any], int], truth: tuple[torch.Tensor, torch.Tensor]
+    task: tuple[str, str, float, int, dict[str, Any], int, str], truth: tuple[torch.Tensor, torch.Tensor] | None
 ) -> dict[str, Any]:
-    name, contender, budget, steps, ffjord_options, predictive_samples = task
+    name, contender, budget, steps, ffjord_options, predictive_samples, device = task
     torch.set_num_threads(1)
+    torch.set_default_device(device)  # the models', guides' and data's tensors
+    truth = tuple(x.to(device) for x in truth) if truth is not None else None
     row: dict[str, Any] = {"model": name, "contender": contender}
     if contender == "ffjord" and ffjord_options:
         row["options"] = ffjord_options
@@ -216,7 +223,10 @@ def main(args: argparse.Namespace) -> None:
     for name in args.models.split(","):
         truth = true_moments(name, make_data(name)) if args.budget > 0 else None
         options = json.loads(args.ffjord)
-        tasks = [(name, c, args.budget, args.steps, options, args.predictive) for c in args.contenders.split(",")]
+        tasks = [
+            (name, c, args.budget, args.steps, options, args.predictive, args.device)
+            for c in args.contenders.split(",")
+        ]
         # one process per contender: no state shared through Pyro's param store or torch's caches
         with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
             results = pool.starmap(run_one, [(task, truth) for task in tasks])
@@ -244,6 +254,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--jobs", type=int, default=1, help="contenders run at once, one thread each (default: %(default)s)"
     )
+    parser.add_argument("--device", default="cpu", help="torch device of the models and guides (default: %(default)s)")
     parser.add_argument("--predictive", type=int, default=2000, help="Predictive draws timed (default: %(default)s)")
     parser.add_argument("--ffjord", default="{}", help="AutoFFJORD options of the ffjord contender, as JSON")
     parser.add_argument("--out", default="", help="JSON file for the rows")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cnf.py"
@@ -48,6 +49,7 @@ def test_reference_matches_pyro_ffjord_at_equal_weights():
         torch.testing.assert_close(ours.log_prob(x), reference.log_prob(x), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow  # 77 s; the subset test below runs the benchmark end to end in the default suite
 def test_bench_cnf_smoke(tmp_path):
     """Every contender on the 2-D workload with a 2-second budget and tiny batches, plus the D=16 extras
     (compiled contenders traced with ``aot_eager``: no C++ compilation in the smoke test)."""
