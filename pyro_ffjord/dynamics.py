@@ -264,7 +264,9 @@ class ContinuousFlow(nn.Module):
         context_dim: dimension of the context, 0 for none.
         T: integration time, > 0.
         train_T: learn ``T`` (parameterized as :math:`\log T`).
-        divergence: ``"hutchinson"`` or ``"exact"``.
+        divergence: ``"hutchinson"`` or ``"exact"``. On a fixed ``euler``/``midpoint``/``rk4`` grid solved
+            without the adjoint, ``"exact"`` gives the log-determinant of the numerical map itself (see
+            :class:`CNFDynamics`), so the density is exactly that of the map the solve applies.
         noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``, drawn once per solve.
         method, rtol, atol, options: the torchdiffeq solver and its settings; time-valued options
             (``step_size``, ``first_step``, ``min_step``, ``max_step``, ``step_t``, ``jump_t``) are in
