@@ -12,7 +12,7 @@ It is rebuilt here from either source of the UCI data (dataset 235, https://arch
   removes the filled rows and 22 genuine rows that happen to repeat, leaving 2,049,258.
 
 The rebuilt array is cached beside its source (``<source>.power.npy``, written atomically) when that
-folder is writable. Needs pandas.
+folder is writable. Needs pandas (the ``data`` extra).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ._optional import require
 
 if TYPE_CHECKING:
     import pandas
@@ -42,10 +44,7 @@ FILLED_FILE = "household_power/householdpower.csv.gz"
 
 def _read(path: Path, columns: tuple[str, ...], **options) -> pandas.DataFrame:
     """The CSV at ``path`` with exactly ``columns``; a clear ``ValueError`` naming the file otherwise."""
-    try:
-        import pandas as pd
-    except ImportError as e:
-        raise ImportError(f"reading {path} needs pandas: pip install pandas") from e
+    pd = require("pandas", "pandas", f"reading {path}")
     try:
         frame = pd.read_csv(path, **options)
     except (ValueError, EOFError, OSError, pd.errors.ParserError) as e:
@@ -94,9 +93,8 @@ def build_power_from_filled(path: str | os.PathLike) -> np.ndarray:
     Returns:
         float64 array ``(N, 8)``: the seven measurements, then minutes since midnight; in time order.
     """
-    import pandas as pd
-
     path = Path(path)
+    pd = require("pandas", "pandas", f"reading {path}")
     frame = _read(path, ("date_time", *MEASUREMENTS), dtype={"date_time": str})
     try:
         stamps = pd.to_datetime(frame["date_time"], format="%Y-%m-%d %H:%M:%S")

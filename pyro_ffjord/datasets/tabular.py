@@ -4,15 +4,16 @@ POWER, GAS, HEPMASS, MINIBOONE and BSDS300 are read from the layout of the MAF r
 (github.com/gpapamak/maf, ``datasets/*.py``) under the data root (see :mod:`._paths`)::
 
     <root>/power/data.npy                        (N, 8) float array
-    <root>/gas/ethylene_CO.pickle                pandas DataFrame (needs ``pip install pandas``)
+    <root>/gas/ethylene_CO.pickle                pandas DataFrame (needs pandas)
     <root>/hepmass/1000_train.csv, 1000_test.csv UCI CSVs with a header line
     <root>/miniboone/data.npy                    (N, 43) float array
-    <root>/BSDS300/BSDS300.hdf5                  datasets train/validation/test (needs ``pip install h5py``)
+    <root>/BSDS300/BSDS300.hdf5                  datasets train/validation/test (needs h5py)
 
 and apply MAF's preprocessing step for step (each loader says which). :func:`build_bsds300_from_images`
 makes the BSDS300 patch data from the raw images instead, and :func:`load_table` reads any numeric CSV/NPY
 file. Every loader returns a :class:`TabularData` of float32 **numpy** arrays (wrap them with
-``torch.from_numpy`` when needed). Nothing is ever downloaded.
+``torch.from_numpy`` when needed). Nothing is ever downloaded. pandas, h5py and Pillow come with the
+``data`` extra (``pip install 'pyro-ffjord[data]'``).
 
 Reference: G. Papamakarios, T. Pavlakou, I. Murray, "Masked Autoregressive Flow for Density Estimation",
 NeurIPS 2017, Appendix D.
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ._optional import require
 from ._paths import require_file, resolve_root
 from .power import load_power_source
 
@@ -211,10 +213,7 @@ def load_gas(root: PathLike | None = None) -> TabularData:
         The splits (MAF sizes: 852,174 / 94,685 / 105,206).
     """
     path = _maf_file(root, "gas/ethylene_CO.pickle", "GAS")
-    try:
-        import pandas as pd
-    except ImportError as e:
-        raise ImportError(f"reading {path} (a pandas pickle) needs pandas: pip install pandas") from e
+    pd = require("pandas", "pandas", f"reading {path} (a pandas pickle)")
     try:
         frame = pd.read_pickle(path)
     except Exception as e:  # unpickling can fail in many ways; all mean the file is unusable
@@ -291,10 +290,7 @@ def load_bsds300(root: PathLike | None = None) -> TabularData:
         The splits (MAF sizes: 1,000,000 / 50,000 / 250,000).
     """
     path = _maf_file(root, "BSDS300/BSDS300.hdf5", "BSDS300")
-    try:
-        import h5py
-    except ImportError as e:
-        raise ImportError(f"reading {path} (HDF5) needs h5py: pip install h5py") from e
+    h5py = require("h5py", "h5py", f"reading {path} (HDF5)")
     try:
         with h5py.File(path, "r") as f:
             splits = [f[k][:] for k in ("train", "validation", "test")]
@@ -304,8 +300,7 @@ def load_bsds300(root: PathLike | None = None) -> TabularData:
 
 
 def _grey_images(folder: Path) -> list[np.ndarray]:
-    from PIL import Image
-
+    Image = require("PIL.Image", "Pillow", f"reading the BSDS300 images in {folder}")
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
     if not files:
         raise FileNotFoundError(
