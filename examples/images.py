@@ -22,7 +22,7 @@ each squeeze, 64-channel concat conv nets, T = 1, batch 200, Adam 1e-3 with 1,00
 
     python examples/images.py --dataset mnist --num-train 0 --num-test 0 --n-scales 3 --n-blocks 2 \\
         --hidden-channels 64,64,64 --batch-size 200 --lr 1e-3 --warmup 1000 --lr-decay none -n 300000 \\
-        --fixed-T --train-method dopri5 --adjoint --kinetic 0 --jacobian 0 --num-samples 100 \\
+        --no-train-T --method dopri5 --adjoint --kinetic 0 --jacobian 0 --num-samples 100 \\
         --eval-batch-size 500 --device cuda          # CIFAR-10: --dataset cifar10 --n-scales 4 -n 250000
 
 Data parallel on several GPUs or machines with PyTorch's engine (``--batch-size`` is per process):
@@ -46,32 +46,31 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import Tensor, nn
 from torch.distributions.transforms import AffineTransform, ReshapeTransform
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import pyro_ffjord as pf
 from pyro_ffjord.datasets.images import IMAGE_DATASETS, load_image_dataset
-from pyro_ffjord.solve import is_fixed_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
-    CSVLog,
+    HelpFormatter,
     Processes,
-    TrainingGuard,
+    Trainer,
     add_common_args,
-    add_evaluation_args,
     add_objective_args,
-    compile_option,
+    add_solver_args,
     evaluation_solver,
-    init_distributed,
+    in_sync,
+    int_list,
     load_checkpoint,
-    loop_state,
     non_negative_float,
     non_negative_int,
-    parse_ints,
     positive_float,
     positive_int,
-    resolve_device,
+    processes,
+    solver_options,
+    training_state,
+    update,
     write_json,
 )
 
@@ -90,28 +89,12 @@ class ImageCNF(nn.Module):
         return self.cnf.nfe
 
 
-class FlowMatchingLoss(nn.Module):
-    """:func:`pyro_ffjord.flow_matching_loss` on images in ``[-1, 1]`` as a module, so that DDP can wrap it."""
-
-    def __init__(self, flow: ImageCNF, coupling: str) -> None:
-        super().__init__()
-        self.flow, self.coupling = flow, coupling
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        loss = pf.flow_matching_loss(self.flow.cnf, 2 * x.flatten(1) - 1, coupling=self.coupling)
-        return loss, loss.detach()
-
-
 def build_flow(args: argparse.Namespace, shape: tuple[int, int, int]) -> pf.MultiscaleFFJORD | ImageCNF:
     if args.objective == "fm":
         net = pf.UNet(shape, args.unet_channels, time_frequencies=8)
-        cnf = pf.FFJORD(net, math.prod(shape), rtol=args.tol, atol=args.tol, max_num_steps=args.max_num_steps)
+        cnf = pf.FFJORD(net, math.prod(shape), rtol=args.rtol, atol=args.atol, max_num_steps=args.max_num_steps)
         return ImageCNF(cnf, shape)
     regularization = {name: w for name, w in (("kinetic", args.kinetic), ("jacobian", args.jacobian)) if w > 0}
-    try:
-        fixed_grid = is_fixed_grid(args.train_method)
-    except KeyError:
-        raise ValueError(f"unknown --train-method {args.train_method!r}") from None
     return pf.MultiscaleFFJORD(
         shape,
         n_scales=args.n_scales,
@@ -120,15 +103,9 @@ def build_flow(args: argparse.Namespace, shape: tuple[int, int, int]) -> pf.Mult
         layer=args.layer,
         alpha=args.alpha,
         T=args.T,
-        train_T=not args.fixed_T,
-        method=args.train_method,
-        options={"step_size": args.step_size} if fixed_grid else None,
-        rtol=args.tol,
-        atol=args.tol,
-        adjoint=args.adjoint,
-        max_num_steps=args.max_num_steps,
+        train_T=args.train_T,
         regularization=regularization,
-        compile=compile_option(args),
+        **solver_options(args),
     )
 
 
@@ -147,24 +124,6 @@ def model(x: Tensor, flow: pf.MultiscaleFFJORD) -> None:
 
 def guide(x: Tensor, flow: pf.MultiscaleFFJORD) -> None:
     """Nothing is latent: the ELBO is the exact log-likelihood."""
-
-
-class NegativeELBO(nn.Module):
-    """Pyro's ``Trace_ELBO`` loss of :func:`model` as a module, so that ``DistributedDataParallel`` can wrap it.
-
-    Returns the loss per image plus the RNODE penalty, and the loss per image alone (detached), which
-    with the empty guide is the mean negative log-likelihood.
-    """
-
-    def __init__(self, flow: pf.MultiscaleFFJORD) -> None:
-        super().__init__()
-        self.flow = flow
-        self.elbo = Trace_ELBO()
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        nll = self.elbo.differentiable_loss(model, guide, x, self.flow) / len(x)
-        # read after the loss: Pyro scores the sample site once the model has run, with this step's solve
-        return nll + self.flow.regularization_loss(), nll.detach()
 
 
 def batch_seed(data_seed: int, step: int, procs: Processes) -> int:
@@ -209,24 +168,9 @@ def save_samples(path: Path, flow: pf.MultiscaleFFJORD, args, device: torch.devi
     save_image((images * 256).floor().clamp(0, 255) / 255, path, nrow=int(math.sqrt(args.num_samples)))
 
 
-def in_sync(module: nn.Module, procs: Processes) -> bool:
-    """Whether every process holds exactly the same parameters."""
-    if procs.world_size == 1:
-        return True
-    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
-    low, high = flat.clone(), flat.clone()
-    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
-    return torch.equal(low, high)
-
-
 def main(args: argparse.Namespace) -> dict:
-    procs = init_distributed(resolve_device(args.device, args.threads), args.distributed)
-    try:
+    with processes(args) as procs:
         return run(args, procs)
-    finally:
-        if args.distributed:
-            torch.distributed.destroy_process_group()
 
 
 def run(args: argparse.Namespace, procs: Processes) -> dict:
@@ -260,55 +204,43 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
             "lr_lambda": lambda step: min((step + 1) / warmup, 1.0) * decay(step),
         }
     )
+    elbo, params = Trace_ELBO(), list(flow.parameters())
     pyro.module("flow", flow)
-    start, saved, state = 0, None, loop_state()
-    checkpoint = out / "checkpoint.pt"
+    checkpoint, start, state, saved = out / "checkpoint.pt", 0, training_state(), None
     if args.resume:
-        saved = load_checkpoint(checkpoint, scheduler, device)
-        pyro.module("flow", flow, update_module_params=True)  # the module now holds the restored tensors
+        saved = load_checkpoint(checkpoint, flow, scheduler)
         start, state = saved["step"], saved["state"]
-    params = list(flow.parameters())
-    objective = FlowMatchingLoss(flow, args.coupling) if args.objective == "fm" else NegativeELBO(flow)
-    if args.distributed:  # after the resume: DDP holds on to the parameter tensors it is given
-        objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
-    log = None
-    if procs.is_writer:
-        fields = ["step", "loss", "bits_per_dim", "nfe_forward", "seconds"]
-        log = CSVLog(out / "log.csv", fields, start if args.resume else None)
 
     def train_step(step: int, state: dict) -> float:
-        seed = batch_seed(guard.data_seed, step, procs)
+        seed = batch_seed(args.seed, step, procs)
         x = training_batch(train, args.batch_size, seed, device)
         torch.manual_seed(seed)  # the Hutchinson noise of this step
-        loss, nll = objective(x)
-        loss.backward()  # under DDP, the gradients are averaged over the processes here
-        scheduler(params)
-        for p in params:
-            p.grad = None
-        state["losses"].append(loss.item() if args.objective == "fm" else pf.bits_per_dim(-nll, num_dims).item())
+        if args.objective == "fm":
+            loss = pf.flow_matching_loss(flow.cnf, 2 * x.flatten(1) - 1, coupling=args.coupling)
+        else:  # with the empty guide, the -ELBO is the NLL
+            nll = elbo.differentiable_loss(model, guide, x, flow) / len(x)
+            # read after the loss: Pyro scores the sample site once the model has run, with this step's solve
+            loss = nll + flow.regularization_loss()
+            latest["bits_per_dim"] = pf.bits_per_dim(-nll.detach(), num_dims).item()
+        loss.backward()
+        value = update(loss.detach(), params, scheduler)
         scheduler.step()
-        return loss.item()
+        return value
 
     def report(step: int, loss: float, state: dict) -> None:
-        bpd, nfe = state["losses"][-1], flow.nfe.forward
         if args.objective == "fm":  # the flow-matching loss is no likelihood: no bits/dim to show
-            bpd = ""
             bar.set_postfix(loss=f"{loss:.3f}")
         else:
-            bar.set_postfix(bpd=f"{bpd:.3f}", nfe=nfe)
+            bar.set_postfix(bpd=f"{latest['bits_per_dim']:.3f}", nfe=flow.nfe.forward)
         bar.update()
-        if log is not None:
-            seconds = round(state["seconds"], 2)
-            log.write(step=step, loss=loss, bits_per_dim=bpd, nfe_forward=nfe, seconds=seconds)
+        row = {"step": step, "loss": loss, "bits_per_dim": latest.get("bits_per_dim", ""), "nfe": flow.nfe.forward}
+        state["log"].append({**row, "seconds": state["seconds"]})
 
-    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or not procs.is_writer)
-    guard = TrainingGuard(args, checkpoint, scheduler, flow, log=log, bar=bar, resumed=saved, writer=procs.is_writer)
-    with guard:
-        state = guard.run_steps(
-            state, start, args.num_steps, train_step, report, lambda step: step % args.checkpoint_every == 0
-        )
+    latest: dict[str, float] = {}
+    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
+    trainer = Trainer(checkpoint, flow, scheduler, saved, writer=procs.rank == 0)
+    state = trainer.run(state, start, args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
     bar.close()
-    train_seconds = state["seconds"]
 
     with evaluation_solver(flow, args):
         eval_started = time.time()
@@ -321,16 +253,16 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
             "num_train": len(train),
             "num_steps": args.num_steps,
             "world_size": procs.world_size,
-            "train_seconds": round(train_seconds, 1),
+            "train_seconds": round(state["seconds"], 1),
             "eval_seconds": round(time.time() - eval_started, 1),
             "eval_divergence": args.eval_divergence,
             "eval_nfe": flow.nfe.forward,
             "objective": args.objective,
-            "ranks_in_sync": in_sync(flow, procs),
+            "ranks_in_sync": in_sync(flow),
         }
-        if procs.is_writer:
+        if procs.rank == 0:
             save_samples(Path(args.plot or out / f"{args.dataset}_samples.png"), flow, args, device)
-    if procs.is_writer:
+    if procs.rank == 0:
         write_json(out / "metrics.json", metrics)
         solver = f"{args.eval_divergence} trace, {args.eval_method} rtol {args.eval_rtol} atol {args.eval_atol}"
         print(f"{args.dataset}: test {bpd:.3f} ± {se:.3f} bits/dim on {len(test)} images ({solver})")
@@ -338,36 +270,31 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="mnist")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="mnist", help="dataset")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
     parser.add_argument("--num-train", type=non_negative_int, default=2000, help="training images (0: all)")
     parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
     add_common_args(parser, num_steps=200, out="outputs/images")
-    parser.add_argument("--distributed", action="store_true", help="data parallel over the processes of torchrun")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step and process")
     parser.add_argument("--lr", type=positive_float, default=5e-3)
     parser.add_argument("--warmup", type=non_negative_int, default=20, help="linear learning-rate warm-up steps")
     parser.add_argument("--lr-decay", choices=["cosine", "none"], default="cosine", help="after the warm-up")
     add_objective_args(parser, default="ml", choices=("ml", "fm"))
     parser.add_argument(
-        "--unet-channels", type=parse_ints, default=(32, 64, 64), help="U-Net channels per resolution (fm)"
+        "--unet-channels", type=int_list, default=(32, 64, 64), help="U-Net channels per resolution (fm)"
     )
-    parser.add_argument("--n-scales", type=positive_int, default=2)
+    parser.add_argument("--n-scales", type=positive_int, default=2, help="squeeze levels of the multiscale model")
     parser.add_argument("--n-blocks", type=positive_int, default=1, help="CNF blocks before and after each squeeze")
-    parser.add_argument("--hidden-channels", type=parse_ints, default=(16, 16, 16))
-    parser.add_argument("--layer", choices=["concat", "concatsquash"], default="concat")
+    parser.add_argument("--hidden-channels", type=int_list, default=(16, 16, 16), help="of each conv net")
+    parser.add_argument("--layer", choices=["concat", "concatsquash"], default="concat", help="time conditioning")
     parser.add_argument("--alpha", type=positive_float, default=1e-6, help="logit pre-processing")
     parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
-    parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
-    parser.add_argument("--train-method", default="rk4", help="training solver: fixed grid (rk4...) or adaptive")
-    parser.add_argument("--step-size", type=positive_float, default=0.5, help="step of a fixed-grid training solver")
-    parser.add_argument("--tol", type=positive_float, default=1e-5, help="rtol=atol of an adaptive training solver")
-    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
+    parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
+    add_solver_args(parser, method="rk4", step_size=0.5, tol=1e-5, max_steps=1000, trace="hutchinson")
     parser.add_argument("--kinetic", type=non_negative_float, default=0.01, help="RNODE kinetic-energy weight")
     parser.add_argument("--jacobian", type=non_negative_float, default=0.01, help="RNODE Jacobian-norm weight")
-    add_evaluation_args(parser, tol=1e-5, max_steps=1000, divergence="hutchinson")
-    parser.add_argument("--eval-batch-size", type=positive_int, default=250)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=250, help="test images per solve")
     parser.add_argument("--num-samples", type=positive_int, default=64, help="samples in the PNG grid")
     return parser.parse_args(argv)
 

@@ -43,7 +43,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from torch import Tensor
 from tqdm import tqdm
 
@@ -52,26 +52,26 @@ from pyro_ffjord.datasets.tabular import TabularData, load_tabular
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
-    CSVLog,
-    TrainingGuard,
+    HelpFormatter,
+    Processes,
+    Trainer,
     add_common_args,
-    add_evaluation_args,
     add_objective_args,
-    add_train_steps_arg,
-    compile_option,
+    add_solver_args,
     early_stopping_state,
     evaluation_solver,
     flow_matching_now,
     flow_matching_step,
+    in_sync,
     load_checkpoint,
     non_negative_int,
     positive_float,
     positive_int,
+    processes,
     record_validation,
-    resolve_device,
-    resuming,
+    solver_options,
+    svi_step,
     train_batches,
-    train_grid,
     write_json,
 )
 
@@ -174,15 +174,9 @@ def build_flow(name: str, train: Tensor, args: argparse.Namespace, device: torch
                 activation=arch.activation,
                 time_frequencies=arch.time_frequencies,
                 T=args.T,
-                train_T=not args.fixed_T,
+                train_T=args.train_T,
                 divergence="hutchinson",
-                method=args.train_method,
-                options=train_grid(args),
-                rtol=args.rtol,
-                atol=args.atol,
-                adjoint=args.adjoint,
-                max_num_steps=args.max_num_steps,
-                compile=compile_option(args),
+                **solver_options(args),
             )
             transforms.append(layer)
         elif name == "maf":
@@ -292,13 +286,13 @@ def load_data(args: argparse.Namespace) -> TabularData:
         print(f"warning: {what}: {w.message}", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
     splits = [a[rng.permutation(len(a))[:n]] if 0 < n < len(a) else a for a, n in zip(data.splits, sizes)]
-    data = TabularData(*splits, data.name, data.source)
+    data = TabularData(*splits, data.name, data.source, data.columns)
     if data.dim < 2 or min(len(a) for a in data.splits) < 2:
         raise SystemExit(f"error: {what}: need at least 2 columns and 2 rows per split, got {data.splits[0].shape}")
     return data
 
 
-def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     """Trains one flow with early stopping, restores its best parameters and evaluates it on the test set.
 
     Its checkpoint and log live in ``<out>`` (one model) or ``<out>/<name>`` (``--model all``).
@@ -310,43 +304,34 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     try:
-        flow = build_flow(name, data["train"], args, device)
+        flow = build_flow(name, data["train"], args, procs.device)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: invalid {name} settings: {e}") from None
-    optimizer = pyro.optim.Adam({"lr": args.lr})
-    svi = SVI(model, guide, optimizer, Trace_ELBO())
-    checkpoint = run_dir / "checkpoint.pt"
-    state = early_stopping_state(flow)
-    start, saved = 0, None
+    optimizer, elbo = pyro.optim.Adam({"lr": args.lr}), Trace_ELBO()
+    checkpoint, start, state, saved = run_dir / "checkpoint.pt", 0, early_stopping_state(flow), None
     pyro.module(name, flow)  # every objective keeps the parameters in Pyro's param store
-    resume = resuming(args, checkpoint, later_model=args.model == "all" and name != MODELS[0])
-    if resume:
-        saved = load_checkpoint(checkpoint, optimizer, device)
-        # the module takes the restored parameters, then the batch-norm buffers (not in the param store)
-        pyro.module(name, flow, update_module_params=True)
-        flow.load_state_dict(saved["module"] if "module" in saved else saved["flow"])
+    # with --model all, a model that had not started when the run stopped has no checkpoint: it starts afresh
+    if args.resume and (checkpoint.is_file() or args.model != "all" or name == MODELS[0]):
+        saved = load_checkpoint(checkpoint, flow, optimizer)
         start, state = saved["step"], saved["state"]
-    fields = ["step", "loss", "val_loss", "nfe_forward", "T", "seconds"]
-    log = CSVLog(run_dir / "log.csv", fields, start if resume else None)
 
     train = data["train"]
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.bn_rows]
-    calibration = train[rows.to(device)]
+    calibration = train[rows.to(procs.device)]
 
     def train_step(step: int, state: dict[str, Any]) -> float:
         """One optimizer step, and the validation loss when it is due (recorded in ``state``): the NLL, or the
         flow-matching loss while training by flow matching (a new early-stopping record starts with the NLL)."""
         flow.train()
-        x = train[train_batches(len(train), args.batch_size, guard.data_seed, step).to(device)]
+        batch = train_batches(len(train), args.batch_size, args.seed, step * procs.world_size + procs.rank)
+        x = train[batch.to(procs.device)]
         matching = name == "ffjord" and flow_matching_now(args, step, args.num_steps)
         if name == "ffjord" and not matching and flow_matching_now(args, step - 1, args.num_steps):
             state.update(best_val=math.inf, bad_evals=0)  # the first likelihood step of fm+ml
         if matching:
             loss = flow_matching_step(flow.cnfs()[0], flow.scaled(x), optimizer, args)
         else:
-            loss = svi.step(x, flow, name) / len(x)
-        state["losses"].append(loss)
-        state["last_val"] = ""
+            loss = svi_step(elbo, optimizer, model, guide, x, flow, name) / len(x)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             if matching:
                 value = flow_matching_validation(flow, data["val"], args)
@@ -362,17 +347,17 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
         bar.set_postfix(loss=f"{loss:.3f}", best_val=f"{state['best_val']:.3f}", nfe=nfe)
         bar.update()
-        seconds = round(state["seconds"], 2)
-        log.write(step=step, loss=loss, val_loss=state["last_val"], nfe_forward=nfe, T=T_mean, seconds=seconds)
+        val = state["val"][-1][1] if state["val"] and state["val"][-1][0] == step + 1 else ""
+        row = {"step": step, "loss": loss, "val_loss": val, "nfe_forward": nfe, "T": T_mean}
+        state["log"].append({**row, "seconds": state["seconds"]})
 
-    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress, desc=name)
-    with TrainingGuard(args, checkpoint, optimizer, flow, log=log, bar=bar, resumed=saved) as guard:
-        state = guard.run_steps(
-            state, start, args.num_steps, train_step, report, lambda step: step % args.checkpoint_every == 0
-        )
+    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or procs.rank > 0, desc=name)
+    trainer = Trainer(checkpoint, flow, optimizer, saved, writer=procs.rank == 0)
+    state = trainer.run(state, start, args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
     bar.close()
+    losses = [row["loss"] for row in state["log"]]
     if state["stopped"]:
-        print(f"{name}: early stop after {len(state['losses'])} steps, best validation loss at step {state['best_at']}")
+        print(f"{name}: early stop after {len(losses)} steps, best validation loss at step {state['best_at']}")
 
     flow.load_state_dict(state["best_module"])
     started = time.time()
@@ -384,14 +369,15 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, device: to
         "test_nll_se": se,
         "best_val_loss": state["best_val"],
         "best_step": state["best_at"],
-        "steps": len(state["losses"]),
+        "steps": len(losses),
         "stopped_early": state["stopped"],
         "train_seconds": round(state["seconds"], 1),
         "eval_seconds": round(time.time() - started, 1),
         "eval_nfe": eval_nfe,
         "num_params": sum(p.numel() for p in flow.parameters()),
+        "ranks_in_sync": in_sync(flow),
     }
-    return {"flow": flow, "losses": state["losses"], "val": state["val"], "metrics": metrics}
+    return {"flow": flow, "losses": losses, "val": state["val"], "metrics": metrics}
 
 
 def moving_average(values: list[float], width: int) -> np.ndarray:
@@ -402,22 +388,26 @@ def moving_average(values: list[float], width: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def plot(path: Path, title: str, test: Tensor, results: dict[str, dict[str, Any]], gaussian: float) -> None:
+def plot(path: Path, data: TabularData, test: Tensor, results: dict[str, dict[str, Any]], gaussian: float) -> None:
     """Learning curves (train and validation NLL vs step) and pairwise marginals of 4 dims, data vs samples."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dim = test.shape[1]
+    dim, title = test.shape[1], data.name
+
+    def label(i: int) -> str:
+        return data.columns[i] if data.columns else f"dim {i}"
+
     dims = sorted(set(np.linspace(0, dim - 1, min(dim, 4)).round().astype(int).tolist()))
     pairs = list(combinations(dims, 2))
-    data = test[:2000].cpu().numpy()
-    lo, hi = np.quantile(data, 0.005, axis=0), np.quantile(data, 0.995, axis=0)
-    samples = {"data": data}
+    rows = test[:2000].cpu().numpy()
+    lo, hi = np.quantile(rows, 0.005, axis=0), np.quantile(rows, 0.995, axis=0)
+    samples = {"data": rows}
     for name, result in results.items():
         flow = result["flow"].eval()
-        samples[name] = flow.distribution(dim, test).sample((len(data),)).cpu().numpy()
+        samples[name] = flow.distribution(dim, test).sample((len(rows),)).cpu().numpy()
     fig, axes = plt.subplots(len(samples), len(pairs) + 1, figsize=(3 * (len(pairs) + 1), 3 * len(samples)))
     axes = np.atleast_2d(axes)
     for row, (name, points) in zip(axes, samples.items()):
@@ -425,7 +415,7 @@ def plot(path: Path, title: str, test: Tensor, results: dict[str, dict[str, Any]
             ax.scatter(points[:, i], points[:, j], s=1, alpha=0.3, color="k" if name == "data" else "C0")
             ax.set_xlim(lo[i], hi[i])
             ax.set_ylim(lo[j], hi[j])
-            ax.set_title(f"{name}: dims {i}, {j}", fontsize=9)
+            ax.set_title(f"{name}: {label(i)} vs {label(j)}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
         ax = row[0]
@@ -456,7 +446,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the data, fits the Gaussian reference and each flow, writes metrics.json and the plot."""
     if args.objective != "ml" and architecture(args).num_blocks != 1:
         raise SystemExit(f"error: --objective {args.objective} trains one CNF: use --num-blocks 1")
-    device = resolve_device(args.device, args.threads)
+    with processes(args) as procs:
+        return run(args, procs)
+
+
+def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    device = procs.device
     data = load_data(args)
     tensors = {split: torch.from_numpy(a).to(device) for split, a in zip(("train", "val", "test"), data.splits)}
     gaussian, gaussian_se = gaussian_nll(tensors["train"], tensors["test"])
@@ -469,7 +464,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for name in MODELS if args.model == "all" else (args.model,):
         try:
-            results[name] = fit(name, tensors, args, device)
+            results[name] = fit(name, tensors, args, procs)
         except pf.ODESolveError as e:
             raise SystemExit(f"error: {name}: the ODE solve failed ({e}); try a smaller --lr or --eval-rtol") from None
     metrics = {
@@ -479,13 +474,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "num_train": len(data.train),
         "num_val": len(data.val),
         "num_test": len(data.test),
+        "world_size": procs.world_size,
         "gaussian_nll": gaussian,
         "gaussian_nll_se": gaussian_se,
         "eval_solver": {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol},
         "models": {name: r["metrics"] for name, r in results.items()},
     }
+    if procs.rank > 0:
+        return metrics
     write_json(Path(args.out) / "metrics.json", metrics)
-    plot(Path(args.plot or Path(args.out) / f"tabular_{data.name}.png"), data.name, tensors["test"], results, gaussian)
+    plot(Path(args.plot or Path(args.out) / f"tabular_{data.name}.png"), data, tensors["test"], results, gaussian)
     print(f"\n{data.name} (D = {data.dim}), test NLL in nats (exact trace, {args.eval_method}):")
     print(f"{'model':<9}{'NLL':>10}{'± SE':>8}{'seconds':>9}{'steps':>7}{'best':>6}")
     print(f"{'gaussian':<9}{gaussian:>10.3f}{gaussian_se:>8.3f}")
@@ -498,17 +496,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", choices=DATASETS, default="bsds300-images")
+    source.add_argument("--data", choices=DATASETS, default="bsds300-images", help="dataset")
     source.add_argument("--csv", default=None, help="a numeric .csv/.npy table instead (split and standardized)")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
     parser.add_argument("--num-train", type=non_negative_int, default=20000, help="rows used for training (0: all)")
     parser.add_argument("--num-val", type=non_negative_int, default=2000, help="validation rows (0: all)")
     parser.add_argument("--num-test", type=non_negative_int, default=5000, help="test rows (0: all)")
-    parser.add_argument("--model", choices=[*MODELS, "all"], default="ffjord")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="ffjord", help="flow to train")
     add_common_args(parser, num_steps=800, out="outputs/tabular")
-    parser.add_argument("--batch-size", type=positive_int, default=500)
+    parser.add_argument("--batch-size", type=positive_int, default=500, help="rows per step and process")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="Adam step size (paper: 1e-3)")
     add_objective_args(parser, default="ml")
     parser.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation NLLs")
@@ -535,22 +533,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--activation", default=None, help="tanh, softplus, ... (default: the paper's)")
     parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
-    parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
-    parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
-    add_train_steps_arg(parser, default=4)
-    parser.add_argument(
-        "--atol", type=positive_float, default=1e-5, help="of an adaptive training solver (paper: 1e-8)"
-    )
-    parser.add_argument(
-        "--rtol", type=positive_float, default=1e-5, help="of an adaptive training solver (paper: 1e-6)"
-    )
-    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
+    parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
+    add_solver_args(parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=10000)  # paper: atol 1e-8, rtol 1e-6
     parser.add_argument(
         "--bn-rows", type=positive_int, default=5000, help="train rows that set the batch-norm averages"
     )
     parser.add_argument("--baseline-layers", type=positive_int, default=5, help="MAF / spline-coupling layers")
-    add_evaluation_args(parser, tol=1e-5, max_steps=10000)  # the paper: atol 1e-8, rtol 1e-6
-    parser.add_argument("--eval-batch-size", type=positive_int, default=1000)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=1000, help="rows per evaluation solve")
     return parser.parse_args(argv)
 
 

@@ -22,7 +22,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from tqdm import tqdm
 
 import pyro_ffjord as pf
@@ -30,24 +30,25 @@ from pyro_ffjord.datasets.toy import TOY_DATASETS, sample_toy, toy_log_density
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
-    CSVLog,
-    TrainingGuard,
+    HelpFormatter,
+    Processes,
+    Trainer,
     add_common_args,
-    add_evaluation_args,
     add_objective_args,
-    add_train_steps_arg,
-    compile_option,
+    add_solver_args,
     evaluation_solver,
     flow_matching_now,
     flow_matching_step,
+    in_sync,
+    int_list,
     load_checkpoint,
-    loop_state,
     non_negative_float,
-    parse_ints,
     positive_float,
     positive_int,
-    resolve_device,
-    train_grid,
+    processes,
+    solver_options,
+    svi_step,
+    training_state,
     write_json,
 )
 
@@ -61,16 +62,10 @@ def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
             layer=args.layer,
             activation=args.activation,
             T=args.T,
-            train_T=not args.fixed_T,
+            train_T=args.train_T,
             divergence=args.divergence,
-            method=args.train_method or ("rk4" if args.train_steps else "dopri5"),
-            options=train_grid(args),
-            rtol=args.tol,
-            atol=args.tol,
-            adjoint=args.adjoint,
-            max_num_steps=args.max_num_steps,
             regularization=regularization,
-            compile=compile_option(args),
+            **solver_options(args),
         )
         for _ in range(args.num_blocks)
     ]
@@ -149,7 +144,12 @@ def plot(path: Path, args, flow, data: torch.Tensor, losses: list[float], metric
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device, args.threads)
+    with processes(args) as procs:
+        return run(args, procs)
+
+
+def run(args: argparse.Namespace, procs: Processes) -> dict:
+    device = procs.device
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     out = Path(args.out)
@@ -169,23 +169,20 @@ def main(args: argparse.Namespace) -> dict:
             "lr_lambda": lambda step: 0.5 * (1 + math.cos(math.pi * min(step / args.num_steps, 1.0))),
         }
     )
-    svi = SVI(model, guide, scheduler, Trace_ELBO())
-    start, saved, state = 0, None, loop_state()
-    checkpoint = out / "checkpoint.pt"
+    elbo = Trace_ELBO()
     pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
+    checkpoint, start, state, saved = out / "checkpoint.pt", 0, training_state(), None
     if args.resume:
-        saved = load_checkpoint(checkpoint, scheduler, device)
-        pyro.module("flow", flow, update_module_params=True)
+        saved = load_checkpoint(checkpoint, flow, scheduler)
         start, state = saved["step"], saved["state"]
-    log = CSVLog(out / "log.csv", ["step", "loss", "nfe_forward", "T", "seconds"], start if args.resume else None)
 
     def train_step(step: int, state: dict) -> float:
-        x = sample_toy(args.data, args.batch_size, seed=guard.data_seed * 1_000_003 + step).float().to(device)
+        seed = (args.seed * 1_000_003 + step) * procs.world_size + procs.rank
+        x = sample_toy(args.data, args.batch_size, seed=seed).float().to(device)
         if flow_matching_now(args, step, args.num_steps):
             loss = flow_matching_step(flow.parts[0], x, scheduler, args)
         else:
-            loss = svi.step(x, flow) / len(x)
-        state["losses"].append(loss)
+            loss = svi_step(elbo, scheduler, model, guide, x, flow) / len(x)
         scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
         return loss
 
@@ -193,16 +190,13 @@ def main(args: argparse.Namespace) -> dict:
         nfe, T = flow.parts[0].nfe.forward, flow.parts[0].T.item()
         bar.set_postfix(nll=f"{loss:.3f}", nfe=nfe, T=f"{T:.3f}")
         bar.update()
-        log.write(step=step, loss=loss, nfe_forward=nfe, T=T, seconds=round(state["seconds"], 2))
+        state["log"].append({"step": step, "loss": loss, "nfe_forward": nfe, "T": T, "seconds": state["seconds"]})
 
-    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress)
-    with TrainingGuard(args, checkpoint, scheduler, flow, log=log, bar=bar, resumed=saved) as guard:
-        state = guard.run_steps(
-            state, start, args.num_steps, train_step, report, lambda step: step % args.checkpoint_every == 0
-        )
+    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
+    trainer = Trainer(checkpoint, flow, scheduler, saved, writer=procs.rank == 0)
+    state = trainer.run(state, start, args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
     bar.close()
-    losses = state["losses"]
-    train_seconds = state["seconds"]
+    losses = [row["loss"] for row in state["log"]]
 
     with evaluation_solver(flow, args):
         nll, se = test_nll(flow, test, args.eval_batch_size)
@@ -214,9 +208,13 @@ def main(args: argparse.Namespace) -> dict:
             "test_nll_se": se,
             "true_nll": None if log_density is None else -log_density.mean().item(),
             "eval_nfe": nfe,
-            "train_seconds": round(train_seconds, 1),
+            "train_seconds": round(state["seconds"], 1),
             "num_steps": args.num_steps,
+            "world_size": procs.world_size,
+            "ranks_in_sync": in_sync(flow),
         }
+        if procs.rank > 0:
+            return metrics
         plot(Path(args.plot or out / f"toy_{args.data}.png"), args, flow, test, losses, metrics)
     write_json(out / "metrics.json", metrics)
     true = "" if metrics["true_nll"] is None else f"  true NLL {metrics['true_nll']:.3f} nats"
@@ -226,30 +224,24 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=TOY_DATASETS, default="8gaussians")
-    add_common_args(parser, num_steps=1500, out="outputs/toy_2d")
-    parser.add_argument("--batch-size", type=positive_int, default=512)
-    parser.add_argument("--lr", type=positive_float, default=5e-3)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--data", choices=TOY_DATASETS, default="8gaussians", help="toy density")
+    add_common_args(parser, out="outputs/toy_2d", num_steps=1500)
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="samples per step")
+    parser.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate (cosine decay)")
     add_objective_args(parser, default="ml")
-    parser.add_argument("--hidden-dims", type=parse_ints, default=(64, 64, 64))
-    parser.add_argument("--num-blocks", type=positive_int, default=1)
-    parser.add_argument("--layer", default="concatsquash")
-    parser.add_argument("--activation", default="tanh")
-    parser.add_argument("--T", type=positive_float, default=0.5, help="initial integration time")
-    parser.add_argument("--fixed-T", action="store_true", help="do not learn T")
+    parser.add_argument("--hidden-dims", type=int_list, default=(64, 64, 64), help="widths of the field's layers")
+    parser.add_argument("--num-blocks", type=positive_int, default=1, help="stacked CNFs")
+    parser.add_argument("--layer", default="concatsquash", help="time conditioning of the layers")
+    parser.add_argument("--activation", default="tanh", help="of the field's layers")
+    parser.add_argument("--T", type=positive_float, default=0.5, help="(initial) integration time")
+    parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
     parser.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact", help="training trace")
-    parser.add_argument(
-        "--train-method", default=None, help="training solver (default: rk4, or dopri5 with --train-steps 0)"
-    )
-    add_train_steps_arg(parser, default=4)
-    parser.add_argument("--tol", type=positive_float, default=1e-5, help="rtol=atol of an adaptive training solver")
-    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory, slower here)")
+    add_solver_args(parser, method="rk4", step_size=0.125, tol=1e-5, max_steps=1000)
     parser.add_argument("--kinetic", type=non_negative_float, default=0.0, help="RNODE kinetic-energy weight")
     parser.add_argument("--jacobian", type=non_negative_float, default=0.0, help="RNODE Jacobian-norm weight")
-    add_evaluation_args(parser, tol=1e-5, max_steps=1000)
-    parser.add_argument("--num-test", type=positive_int, default=20000)
-    parser.add_argument("--eval-batch-size", type=positive_int, default=10000)
+    parser.add_argument("--num-test", type=positive_int, default=20000, help="test samples")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=10000, help="test samples per solve")
     parser.add_argument("--plot-resolution", type=positive_int, default=200, help="density grid points per axis")
     return parser.parse_args(argv)
 

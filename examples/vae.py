@@ -43,7 +43,7 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -52,24 +52,24 @@ from pyro_ffjord.datasets.vae import VAEData, load_vae_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common.training import (  # noqa: E402
-    CSVLog,
-    TrainingGuard,
+    HelpFormatter,
+    Processes,
+    Trainer,
     add_common_args,
-    add_evaluation_args,
-    add_train_steps_arg,
-    compile_option,
+    add_solver_args,
     early_stopping_state,
     evaluation_solver,
+    in_sync,
+    int_list,
     load_checkpoint,
     non_negative_int,
-    parse_ints,
     positive_float,
     positive_int,
+    processes,
     record_validation,
-    resolve_device,
-    resuming,
+    solver_options,
+    svi_step,
     train_batches,
-    train_grid,
     write_json,
 )
 
@@ -223,15 +223,9 @@ def build_flows(name: str, args: argparse.Namespace) -> list[nn.Module]:
         T=args.T,
         train_T=args.train_T,
         noise=args.noise,
-        method=args.train_method,
-        options=train_grid(args),
-        rtol=args.rtol,
-        atol=args.atol,
-        adjoint=args.adjoint,
-        max_num_steps=args.max_num_steps,
         layer=args.layer,
         activation=args.activation,
-        compile=compile_option(args),
+        **solver_options(args),
     )
     if name == "ffjord":
         make = partial(pf.amortized_ffjord, args.z_dim, FEATURES, settings.hidden_dims, settings.rank, **options)
@@ -295,7 +289,7 @@ def subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Namespace, device: torch.device):
+def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Namespace, procs: Processes):
     """Trains one posterior with KL warm-up and early stopping, then evaluates its best parameters on the test set.
 
     Its checkpoint (written atomically each epoch) and log live in ``<out>`` or, for ``--posterior all``,
@@ -305,7 +299,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     try:
-        vae = VAE(data, args.z_dim, build_flows(name, args)).to(device)
+        vae = VAE(data, args.z_dim, build_flows(name, args)).to(procs.device)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: invalid {name} posterior settings: {e}") from None
     train, val, test = splits["train"], splits["val"], splits["test"]
@@ -315,23 +309,18 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         with evaluation_solver(vae, args) if cnfs else contextlib.nullcontext():
             return evaluate(vae, test, num_samples, args.eval_batch_size, args.is_chunk)
 
-    optimizer = pyro.optim.Adamax({"lr": args.lr, "eps": 1e-7})
-    svi = SVI(vae.model, vae.guide, optimizer, Trace_ELBO())
-    steps_per_epoch = max(len(train) // args.batch_size, 1)
+    optimizer, elbo = pyro.optim.Adamax({"lr": args.lr, "eps": 1e-7}), Trace_ELBO()
+    # an epoch is one pass over the data by all the processes together
+    steps_per_epoch = max(len(train) // (args.batch_size * procs.world_size), 1)
     num_steps = args.num_epochs * steps_per_epoch
-    state = early_stopping_state(vae)
-    checkpoint = run_dir / "checkpoint.pt"
-    start, saved = 0, None
+    checkpoint, start, state, saved = run_dir / "checkpoint.pt", 0, early_stopping_state(vae), None
     pyro.module("vae", vae)
-    if resuming(args, checkpoint, later_model=args.posterior == "all" and name != POSTERIORS[0]):
-        saved = load_checkpoint(checkpoint, optimizer, device)
-        pyro.module("vae", vae, update_module_params=True)
+    # with --posterior all, a posterior that had not started when the run stopped has no checkpoint: it starts afresh
+    if args.resume and (checkpoint.is_file() or args.posterior != "all" or name == POSTERIORS[0]):
+        saved = load_checkpoint(checkpoint, vae, optimizer)
         start, state = saved["step"], saved["state"]
     else:  # the -ELBO of the initialization, the baseline any training must beat; kept in the checkpoints
         state["untrained_neg_elbo"] = test_metrics(1)["neg_elbo"]
-    log = CSVLog(
-        run_dir / "log.csv", ["step", "epoch", "beta", "loss", "val_neg_elbo", "nfe", "seconds"], start or None
-    )
 
     def beta_of(step: int) -> float:
         epoch = step // steps_per_epoch + 1
@@ -339,12 +328,11 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
 
     def train_step(step: int, state: dict[str, Any]) -> float:
         vae.train()
-        x = train[train_batches(len(train), args.batch_size, guard.data_seed, step).to(device)]
+        batch = train_batches(len(train), args.batch_size, args.seed, step * procs.world_size + procs.rank)
+        x = train[batch.to(procs.device)]
         if data.dynamic_binarization:
             x = torch.bernoulli(x)
-        loss = svi.step(x, beta_of(step)) / len(x)
-        state["losses"].append(loss)
-        state["last_val"] = ""
+        loss = svi_step(elbo, optimizer, vae.model, vae.guide, x, beta_of(step)) / len(x)
         if (step + 1) % steps_per_epoch == 0:  # end of an epoch: validation -ELBO (training solver)
             val_loss = evaluate(vae, val, 1, args.eval_batch_size, args.is_chunk)["neg_elbo"]
             # as in Sylvester, epochs of the KL warm-up do not count towards early stopping
@@ -357,13 +345,13 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         bar.set_postfix(neg_elbo=f"{loss:.2f}", best_val=f"{state['best_val']:.2f}", nfe=nfe)
         bar.update()
         epoch = step // steps_per_epoch + 1
-        val = state["last_val"]
-        seconds = round(state["seconds"], 2)
-        log.write(step=step, epoch=epoch, beta=beta_of(step), loss=loss, val_neg_elbo=val, nfe=nfe, seconds=seconds)
+        val = state["val"][-1][1] if state["val"] and (step + 1) % steps_per_epoch == 0 else ""
+        row = {"step": step, "epoch": epoch, "beta": beta_of(step), "loss": loss, "val_neg_elbo": val, "nfe": nfe}
+        state["log"].append({**row, "seconds": state["seconds"]})
 
-    bar = tqdm(initial=start, total=num_steps, disable=args.no_progress, desc=name)
-    with TrainingGuard(args, checkpoint, optimizer, vae, log=log, bar=bar, resumed=saved) as guard:
-        state = guard.run_steps(state, start, num_steps, train_step, report, lambda step: step % steps_per_epoch == 0)
+    bar = tqdm(initial=start, total=num_steps, disable=args.no_progress or procs.rank > 0, desc=name)
+    trainer = Trainer(checkpoint, vae, optimizer, saved, writer=procs.rank == 0)
+    state = trainer.run(state, start, num_steps, train_step, report, lambda step: step % steps_per_epoch == 0)
     bar.close()
     if state["stopped"]:
         print(f"{name}: early stop after epoch {len(state['val'])}, best at epoch {state['best_at']}")
@@ -385,8 +373,9 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         "train_seconds": round(state["seconds"], 1),
         "eval_seconds": round(time.time() - started, 1),
         "num_params": sum(p.numel() for p in vae.parameters()),
+        "ranks_in_sync": in_sync(vae),
     }
-    return {"vae": vae, "losses": state["losses"], "val": state["val"], "metrics": metrics}
+    return {"vae": vae, "losses": [row["loss"] for row in state["log"]], "val": state["val"], "metrics": metrics}
 
 
 @torch.no_grad()
@@ -445,7 +434,12 @@ def load_splits(args: argparse.Namespace, device: torch.device) -> tuple[VAEData
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Trains the posterior(s), writes metrics.json and the plot, and prints the table in the paper's units."""
-    device = resolve_device(args.device, args.threads)
+    with processes(args) as procs:
+        return run(args, procs)
+
+
+def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    device = procs.device
     if args.is_samples is None:
         args.is_samples = 5000 if device.type == "cuda" else 5
     if args.is_chunk is None:  # the CPU's transposed convolutions need ~3 MB of buffers per image
@@ -458,7 +452,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for name in POSTERIORS if args.posterior == "all" else (args.posterior,):
         try:
-            results[name] = fit(name, data, splits, args, device)
+            results[name] = fit(name, data, splits, args, procs)
         except pf.ODESolveError as e:
             raise SystemExit(f"error: {name}: the ODE solve failed ({e}); try a smaller --lr or --eval-rtol") from None
     units = "bits/dim" if data.likelihood == "categorical256" else "nats"
@@ -470,10 +464,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "num_val": len(splits["val"]),
         "num_test": len(splits["test"]),
         "is_samples": args.is_samples,
+        "world_size": procs.world_size,
         "cnf": cnf_settings(args)._asdict(),
         "eval_solver": {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol},
         "posteriors": {name: r["metrics"] for name, r in results.items()},
     }
+    if procs.rank > 0:
+        return metrics
     out = Path(args.out)
     write_json(out / "metrics.json", metrics)
     plot(Path(args.plot or out / f"vae_{data.name}.png"), data, splits["test"], results)
@@ -499,8 +496,7 @@ PAPER_SETTINGS = dict(
     num_epochs=2000,
     warmup=100,
     patience=35,
-    train_method="dopri5",
-    train_steps=0,
+    method="dopri5",
     rtol=1e-5,
     atol=1e-5,
     adjoint=True,
@@ -508,45 +504,40 @@ PAPER_SETTINGS = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
     parser.add_argument("--num-train", type=non_negative_int, default=5000, help="training images used (0: all)")
     parser.add_argument("--num-val", type=non_negative_int, default=1000, help="validation images (0: all)")
     parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
-    parser.add_argument("--posterior", choices=[*POSTERIORS, "all"], default="ffjord")
+    parser.add_argument("--posterior", choices=[*POSTERIORS, "all"], default="ffjord", help="posterior to train")
     parser.add_argument(
         "--paper", action="store_true", help="the paper's full setting as defaults (flags given with it win)"
     )
-    add_common_args(parser, out="outputs/vae", num_epochs=10)
-    parser.add_argument("--batch-size", type=positive_int, default=100)
+    add_common_args(parser, out="outputs/vae", num_steps=10, step_name="epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per step and process")
     parser.add_argument("--lr", type=positive_float, default=5e-4, help="Adamax step size (the paper's)")
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="KL warm-up epochs (paper: 100; 0: none)")
     parser.add_argument("--max-beta", type=positive_float, default=1.0, help="KL weight after the warm-up")
     parser.add_argument("--patience", type=positive_int, default=35, help="epochs without improvement before stopping")
-    parser.add_argument("--z-dim", type=positive_int, default=64)
+    parser.add_argument("--z-dim", type=positive_int, default=64, help="latent dimension")
     parser.add_argument(
         "--rank", type=positive_int, default=None, help="of the amortized weights (default: the paper's)"
     )
-    parser.add_argument("--hidden-dims", type=parse_ints, default=None, help="CNF widths (default: the paper's)")
+    parser.add_argument("--hidden-dims", type=int_list, default=None, help="CNF widths (default: the paper's)")
     parser.add_argument("--num-blocks", type=positive_int, default=None, help="stacked CNFs (default: the paper's)")
     parser.add_argument(
         "--max-width", type=non_negative_int, default=128, help="cap on the CNF widths (0: none, the paper)"
     )
     parser.add_argument("--max-rank", type=non_negative_int, default=8, help="cap on the rank (0: none, the paper)")
     parser.add_argument("--layer", default="concat", help="time conditioning of the CNF layers (the paper's)")
-    parser.add_argument("--activation", default="tanh")
+    parser.add_argument("--activation", default="tanh", help="of the CNF layers")
     parser.add_argument("--T", type=positive_float, default=0.5, help="integration time (the paper's)")
-    parser.add_argument("--train-T", action="store_true", help="learn T")
+    parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=False, help="learn T")
     parser.add_argument("--noise", choices=["rademacher", "gaussian"], default="rademacher", help="Hutchinson noise")
-    parser.add_argument("--train-method", default="rk4", help="torchdiffeq solver for training")
-    add_train_steps_arg(parser, default=2)
-    parser.add_argument("--rtol", type=positive_float, default=1e-5, help="of an adaptive training solver")
-    parser.add_argument("--atol", type=positive_float, default=1e-5, help="of an adaptive training solver")
-    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
+    add_solver_args(parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=1000)
     parser.add_argument("--iaf-layers", type=positive_int, default=4, help="IAF baseline: flows (Sylvester's default)")
     parser.add_argument("--iaf-hidden", type=positive_int, default=320, help="IAF baseline: MADE width (Sylvester's)")
-    add_evaluation_args(parser, tol=1e-5, max_steps=1000)
     parser.add_argument(
         "--is-samples", type=positive_int, default=None, help="K of the IS NLL (default: 5000 on GPU, 5 on CPU)"
     )

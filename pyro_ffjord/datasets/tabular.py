@@ -58,6 +58,7 @@ class TabularData:
         test: Test rows.
         name: Dataset name.
         source: Where the rows came from, when a dataset has several possible sources.
+        columns: The columns' names, when the file has a header line.
     """
 
     train: np.ndarray
@@ -65,6 +66,7 @@ class TabularData:
     test: np.ndarray
     name: str
     source: str = ""
+    columns: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self.train, self.val, self.test = (np.ascontiguousarray(a, dtype=np.float32) for a in self.splits)
@@ -395,8 +397,10 @@ def load_table(path: PathLike, val_fraction: float = 0.1, test_fraction: float =
         ValueError: If the file is unreadable, holds NaN/inf (the message gives the count and the columns),
             or leaves no train row or no usable column.
     """
-    path = require_file(Path(path), "table (a numeric .csv or .npy file)")
-    x = _load_npy(path) if path.suffix.lower() == ".npy" else _read_csv(path)[1]
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no table at {path}: expected a numeric .csv or .npy file")
+    names, x = (None, _load_npy(path)) if path.suffix.lower() == ".npy" else _read_csv(path)
     rng = np.random.default_rng(seed)
     x = x[rng.permutation(x.shape[0])]
     n_test, n_val = int(test_fraction * x.shape[0]), int(val_fraction * x.shape[0])
@@ -410,7 +414,8 @@ def load_table(path: PathLike, val_fraction: float = 0.1, test_fraction: float =
     if not keep.any():
         raise ValueError(f"{path}: every column is constant on the training split")
     train, val, test = ((a[:, keep] - mu[keep]) / s[keep] for a in (train, val, test))
-    return TabularData(train, val, test, path.stem)
+    columns = None if names is None else tuple(name for name, k in zip(names, keep) if k)
+    return TabularData(train, val, test, path.stem, columns=columns)
 
 
 _LOADERS = {
