@@ -149,4 +149,4 @@ def test_paper_settings_are_defaults_that_given_flags_override():
     paper = vae_example.parse_args(["--paper"])
     assert all(getattr(paper, name) == value for name, value in vae_example.PAPER_SETTINGS.items())
     mixed = vae_example.parse_args(["--paper", "-n", "5", "--max-width", "64"])
-    assert (mixed.num_epochs, mixed.max_width, mixed.max_rank, mixed.train_method) == (5, 64, 0, "dopri5")
+    assert (mixed.num_epochs, mixed.max_width, mixed.max_rank, mixed.method) == (5, 64, 0, "dopri5")
