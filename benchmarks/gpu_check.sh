@@ -33,8 +33,8 @@ step images 60 python examples/images.py --device cuda -n 100 --num-test 1000 --
     --out "$work/images"
 step images_fm 240 python examples/images.py --device cuda --objective fm -n 3000 --num-train 0 --batch-size 128 \
     --lr 2e-3 --num-test 1000 --eval-batch-size 500 --no-progress --out "$work/images_fm"
-step images_nccl 40 torchrun --standalone --nproc_per_node=1 examples/images.py --distributed --device cuda -n 20 \
-    --num-test 200 --no-progress --out "$work/images_nccl"
+step vae_nccl 60 torchrun --standalone --nproc_per_node=1 examples/vae.py --distributed --device cuda -n 1 \
+    --num-test 200 --is-samples 10 --no-progress --out "$work/vae_nccl"
 step svi 150 python benchmarks/bench_svi.py --device cuda --models conjugate,banana --contenders ffjord,iaf \
     --budget 10 --steps 20 --predictive 200 --out "$out/svi.json"
 step bench 200 python benchmarks/bench_cnf.py --device cuda --budget 10 --workloads toy2d --out "$out/bench.json"

@@ -49,26 +49,28 @@ from torch.distributions.transforms import AffineTransform, ReshapeTransform
 from tqdm import tqdm
 
 import pyro_ffjord as pf
-from pyro_ffjord.datasets.images import IMAGE_DATASETS, load_image_dataset
+from pyro_ffjord.datasets.images import IMAGE_DATASETS, download_image_dataset, load_image_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.training import (  # noqa: E402
+from common.flags import (  # noqa: E402
     HelpFormatter,
-    Processes,
-    Trainer,
     add_common_args,
     add_objective_args,
     add_solver_args,
     evaluation_solver,
-    in_sync,
     int_list,
-    load_checkpoint,
     non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
-    processes,
     solver_options,
+)
+from common.training import (  # noqa: E402
+    Processes,
+    Trainer,
+    in_sync,
+    load_checkpoint,
+    processes,
     training_state,
     update,
     write_json,
@@ -178,6 +180,10 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     out = Path(args.out)
+    if args.download and procs.rank == 0:
+        download_image_dataset(args.dataset, args.data_dir)
+    if args.download and procs.world_size > 1:
+        torch.distributed.barrier()
     try:
         data = load_image_dataset(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -272,6 +278,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="mnist", help="dataset")
+    parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision first")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
     parser.add_argument("--num-train", type=non_negative_int, default=2000, help="training images (0: all)")
     parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")

@@ -18,7 +18,7 @@ patches) and hidden layers capped at 64 units, a few minutes on 2 CPU cores. The
 (its per-dataset architecture, full data, dopri5 with atol 1e-8 and rtol 1e-6 in training and test) is
 
     python examples/tabular.py --data power --num-train 0 --num-val 0 --num-test 0 --max-width 0 \\
-        --lr 1e-3 --batch-size 10000 -n 100000 --patience 30 --eval-every 200 --train-method dopri5 --train-steps 0 \\
+        --lr 1e-3 --batch-size 10000 -n 100000 --patience 30 --eval-every 200 --method dopri5 \\
         --atol 1e-8 --rtol 1e-6 --adjoint --eval-atol 1e-8 --eval-rtol 1e-6 --device cuda
 
     python examples/tabular.py                                  # BSDS300 patches, a few minutes on 2 cores
@@ -51,25 +51,27 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.tabular import TabularData, load_tabular
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.training import (  # noqa: E402
+from common.flags import (  # noqa: E402
     HelpFormatter,
-    Processes,
-    Trainer,
     add_common_args,
     add_objective_args,
     add_solver_args,
-    early_stopping_state,
     evaluation_solver,
     flow_matching_now,
-    flow_matching_step,
-    in_sync,
-    load_checkpoint,
     non_negative_int,
     positive_float,
     positive_int,
+    solver_options,
+)
+from common.training import (  # noqa: E402
+    Processes,
+    Trainer,
+    early_stopping_state,
+    flow_matching_step,
+    in_sync,
+    load_checkpoint,
     processes,
     record_validation,
-    solver_options,
     svi_step,
     train_batches,
     write_json,

@@ -29,24 +29,26 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.toy import TOY_DATASETS, sample_toy, toy_log_density
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.training import (  # noqa: E402
+from common.flags import (  # noqa: E402
     HelpFormatter,
-    Processes,
-    Trainer,
     add_common_args,
     add_objective_args,
     add_solver_args,
     evaluation_solver,
     flow_matching_now,
-    flow_matching_step,
-    in_sync,
     int_list,
-    load_checkpoint,
     non_negative_float,
     positive_float,
     positive_int,
-    processes,
     solver_options,
+)
+from common.training import (  # noqa: E402
+    Processes,
+    Trainer,
+    flow_matching_step,
+    in_sync,
+    load_checkpoint,
+    processes,
     svi_step,
     training_state,
     write_json,

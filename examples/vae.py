@@ -51,23 +51,25 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.vae import VAEData, load_vae_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.training import (  # noqa: E402
+from common.flags import (  # noqa: E402
     HelpFormatter,
-    Processes,
-    Trainer,
     add_common_args,
     add_solver_args,
-    early_stopping_state,
     evaluation_solver,
-    in_sync,
     int_list,
-    load_checkpoint,
     non_negative_int,
     positive_float,
     positive_int,
+    solver_options,
+)
+from common.training import (  # noqa: E402
+    Processes,
+    Trainer,
+    early_stopping_state,
+    in_sync,
+    load_checkpoint,
     processes,
     record_validation,
-    solver_options,
     svi_step,
     train_batches,
     write_json,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pyro_ffjord.datasets import default_data_dir
-from pyro_ffjord.datasets.images import load_image_dataset
+from pyro_ffjord.datasets.images import download_image_dataset, load_image_dataset
 
 
 def write_fake_cifar10(root, per_batch=8, seed=0):
@@ -59,4 +59,25 @@ def test_cifar10_batches_are_read_in_channel_first_layout(tmp_path):
     assert torch.equal(data.train, train) and torch.equal(data.test, test) and data.shape == (3, 32, 32)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="test_batch is not a CIFAR-10 python batch"):
+        load_image_dataset("cifar10", tmp_path)
+
+
+def test_download_delegates_to_torchvision(tmp_path, monkeypatch):
+    """--download calls torchvision's own downloader for both splits (no internet here: a recording stand-in)."""
+    import torchvision.datasets
+
+    calls = []
+    monkeypatch.setattr(
+        torchvision.datasets, "MNIST", lambda root, train, download: calls.append((root, train, download))
+    )
+    download_image_dataset("mnist", tmp_path)
+    assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
+    with pytest.raises(ValueError, match="name must be one of"):
+        download_image_dataset("svhn", tmp_path)
+
+
+def test_missing_files_say_where_they_come_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"torchvision\.datasets\.MNIST\(root, download=True\)"):
+        load_image_dataset("mnist", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"kriz/cifar\.html"):
         load_image_dataset("cifar10", tmp_path)

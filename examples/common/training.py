@@ -1,5 +1,6 @@
-"""What the examples share: one flag vocabulary, devices and torchrun, atomic checkpoints with ``--resume``,
-and a training loop that stops cleanly (with a checkpoint) on a failed solve, a NaN or SIGINT/SIGTERM."""
+"""The examples' training loop: updates that skip non-finite gradients and average over torchrun's processes,
+atomic checkpoints read with ``weights_only=True``, ``--resume``, and a clean stop (with a checkpoint) on a
+failed solve, a NaN or SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,130 +13,19 @@ import json
 import math
 import os
 import pickle
-import random
 import re
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import pyro
 import torch
 
 import pyro_ffjord as pf
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default (unless its help already tells it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
-def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
-    """An argparse ``type`` whose error names the expected value (argparse prints the flag's name)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
-non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a non-negative number")
-fraction = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-int_list = _checked(
-    lambda s: tuple(int(w) for w in s.split(",")), lambda v: all(w > 0 for w in v), "positive integers such as 64,64"
-)
-
-
-def add_common_args(parser: argparse.ArgumentParser, out: str, num_steps: int, step_name: str = "steps") -> None:
-    """The flags of every run: length, seed, device, outputs, resume, threads, compile, data parallelism."""
-    parser.add_argument("-n", f"--num-{step_name}", type=positive_int, default=num_steps, help=f"training {step_name}")
-    if step_name == "steps":
-        parser.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--out", default=out, help="folder for checkpoint, log, metrics and plot")
-    parser.add_argument("--plot", default=None, help="PNG path (default: in --out)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (a larger -n extends)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--distributed", action="store_true", help="data parallel over torchrun's processes")
-    parser.add_argument(
-        "--compile", nargs="?", const="inductor", default=None, metavar="BACKEND", help="torch.compile the dynamics"
-    )
-
-
-def add_solver_args(
-    parser: argparse.ArgumentParser, method: str, step_size: float, tol: float, max_steps: int, trace: str = "exact"
-) -> None:
-    """The training and evaluation solvers, with torchdiffeq's names; the evaluation is adaptive."""
-    parser.add_argument("--method", default=method, help="training solver: fixed grid (rk4, ...) or adaptive")
-    parser.add_argument("--step-size", type=positive_float, default=step_size, help="step of a fixed-grid solver")
-    parser.add_argument("--rtol", type=positive_float, default=tol, help="of an adaptive training solver")
-    parser.add_argument("--atol", type=positive_float, default=tol, help="of an adaptive training solver")
-    parser.add_argument("--max-num-steps", type=positive_int, default=1000, help="step budget of a training solve")
-    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
-    parser.add_argument("--eval-method", default="dopri5", help="adaptive solver of every reported number")
-    parser.add_argument("--eval-rtol", type=positive_float, default=tol, help="of the evaluation solver")
-    parser.add_argument("--eval-atol", type=positive_float, default=tol, help="of the evaluation solver")
-    parser.add_argument("--eval-max-num-steps", type=positive_int, default=max_steps, help="its step budget")
-    parser.add_argument("--eval-divergence", choices=["exact", "hutchinson"], default=trace, help="its trace")
-
-
-def solver_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``pf.ffjord`` keywords of the training solver flags."""
-    if args.method not in pf.solve.SOLVERS:
-        raise SystemExit(f"error: --method {args.method}: expected one of {', '.join(pf.solve.SOLVERS)}")
-    fixed = pf.solve.is_fixed_grid(args.method)
-    return {
-        "method": args.method,
-        "options": {"step_size": args.step_size} if fixed else None,
-        "rtol": args.rtol,
-        "atol": args.atol,
-        "max_num_steps": args.max_num_steps,
-        "adjoint": args.adjoint,
-        "compile": {"backend": args.compile} if args.compile else False,
-    }
-
-
-def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace):
-    """Switches every CNF in ``module`` to the evaluation solver (a context manager)."""
-    return pf.solver_settings(
-        module,
-        divergence=args.eval_divergence,
-        method=args.eval_method,
-        rtol=args.eval_rtol,
-        atol=args.eval_atol,
-        options=None,
-        max_num_steps=args.eval_max_num_steps,
-    )
-
-
-def add_objective_args(parser: argparse.ArgumentParser, default: str, choices: tuple[str, ...] = ("ml", "fm", "fm+ml")):
-    """``--objective``: maximum likelihood (SVI), flow matching, or flow matching then maximum likelihood."""
-    parser.add_argument("--objective", choices=choices, default=default, help="ml, fm or fm then ml")
-    parser.add_argument("--fm-fraction", type=fraction, default=0.5, help="share of the steps by fm under fm+ml")
-    parser.add_argument("--coupling", choices=pf.flow_matching.COUPLINGS, default="independent", help="fm pairing")
-    parser.add_argument("--sigma-min", type=non_negative_float, default=0.0, help="fm path width at the data end")
-
-
-def flow_matching_now(args: argparse.Namespace, step: int, num_steps: int) -> bool:
-    """Whether step ``step`` of ``num_steps`` trains by flow matching under ``--objective``."""
-    return args.objective == "fm" or (args.objective == "fm+ml" and step < args.fm_fraction * num_steps)
 
 
 class NonFiniteError(ArithmeticError):
@@ -157,21 +47,16 @@ def update(loss: torch.Tensor | float, params: list[torch.Tensor], optimizer: py
         torch.distributed.all_reduce(flat)
         flat /= torch.distributed.get_world_size()
         loss, grads = flat[0], [g.view_as(p) for g, p in zip(flat[1:].split([p.numel() for p in params]), params)]
-    loss, norm = (
-        float(loss),
-        float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None] or [torch.zeros(())])
-            )
-        ),
-    )
-    if math.isfinite(loss) and math.isfinite(norm):
+    norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
+    loss, norm = float(loss), float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
         for p, g in zip(params, grads):
             p.grad = g
         optimizer(params)
     for p in params:
         p.grad = None
-    if not (math.isfinite(loss) and math.isfinite(norm)):
+    if not finite:
         raise NonFiniteError(f"the loss is {loss} and the gradient norm {norm}")
     return loss
 
@@ -264,27 +149,17 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
-    """Writes ``rows`` (dicts with the same keys) with a header, or appends them."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    if not append:
-        writer.writeheader()
-    writer.writerows(rows)
-    if append:
-        with open(path, "a") as f:
-            f.write(text.getvalue())
-    else:
-        atomic_write(path, text.getvalue().encode())
+    """Writes ``rows`` (dicts with the same keys) under a header, or appends them."""
+    with open(path, "a" if append else "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if not append:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def _rng_state() -> dict[str, Any]:
-    """Every RNG an example draws from, in types that ``torch.load(weights_only=True)`` reads."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "python": random.getstate(),
-    }
+    """The RNGs the examples draw from (torch's; the data pipelines use their own seeded generators)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -292,9 +167,6 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
@@ -371,8 +243,9 @@ class Trainer:
     The checkpoint (``torch.save`` to a temporary file, then ``os.replace``) holds the module's state dict,
     the optimizer's state (``PyroOptim.get_state``), the RNGs and the example's ``state`` (log rows, training
     seconds, early stopping...); a resumed run continues bit for bit. A step whose solve fails or whose loss
-    or gradient is non-finite changes nothing (:func:`update`), so the run stops with a checkpoint of the
-    state before it. The first SIGINT/SIGTERM ends the current step, checkpoints and exits; a second one
+    or gradient is non-finite changes nothing (:func:`update`): the run stops with a checkpoint of the
+    state before it (after its update, when its validation loss is non-finite). The first SIGINT/SIGTERM
+    ends the current step, checkpoints and exits; a second one
     acts at once. Only rank 0 (``writer``) writes.
     """
 
@@ -405,8 +278,10 @@ class Trainer:
         ``state["seconds"]`` accumulates the training time over resumes; the rows of ``state["log"]`` go to
         ``log.csv`` beside the checkpoint as they come (a resumed run rewrites it from the checkpoint's rows)."""
         log, logged = self.path.with_name("log.csv"), len(state["log"])
-        if self.writer and logged:
-            write_csv(log, state["log"])
+        if self.writer:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            if logged:
+                write_csv(log, state["log"])
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             started, step = time.time() - state["seconds"], start
@@ -419,8 +294,8 @@ class Trainer:
                         raise
                     self.save(step, state)
                     raise SystemExit(
-                        f"error: training stopped at step {step}: {type(fault).__name__}: {fault}. The state before "
-                        f"that step is saved in {self.path}; try a smaller --lr, a larger --max-num-steps or looser "
+                        f"error: training stopped at step {step}: {type(fault).__name__}: {fault}. The last finite "
+                        f"state is saved in {self.path}; try a smaller --lr, a larger --max-num-steps or looser "
                         f"tolerances, and continue with: {resume_command()}"
                     ) from None
                 state["seconds"] = time.time() - started

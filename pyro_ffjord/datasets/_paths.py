@@ -24,11 +24,12 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return default_data_dir() if root is None else Path(root)
 
 
-def require_file(path: Path, what: str) -> Path:
-    """Returns ``path`` if it is a file; otherwise raises ``FileNotFoundError`` saying what to put there."""
+def require_file(path: Path, what: str, source: str) -> Path:
+    """Returns ``path`` if it is a file; otherwise raises ``FileNotFoundError`` saying what to put there and
+    where it comes from."""
     if not path.is_file():
         raise FileNotFoundError(
-            f"missing {what}: expected the file {path}. Put it there, or pass --data-dir/root "
-            f"(or set ${ENV_VAR}) to the folder that holds it. Nothing is downloaded."
+            f"missing {what}: expected the file {path}; {source}. Put it there, or pass --data-dir/root "
+            f"(or set ${ENV_VAR}) to the folder that holds it."
         )
     return path

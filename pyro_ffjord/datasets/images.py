@@ -1,6 +1,7 @@
 """8-bit image datasets for density estimation (MNIST, CIFAR-10), read from torchvision's file layouts.
 
-Nothing is downloaded; paths are relative to the data root (see :mod:`._paths`):
+Nothing is downloaded unless asked (:func:`download_image_dataset`); paths are relative to the data root
+(see :mod:`._paths`):
 
 * MNIST: ``MNIST/raw/{train,t10k}-images-idx3-ubyte.gz`` (the original idx files, as torchvision
   downloads them);
@@ -30,6 +31,11 @@ _FILES = {
 _WHAT = {
     "mnist": "MNIST in torchvision's layout (the original idx .gz files)",
     "cifar10": "CIFAR-10 in torchvision's layout (the extracted cifar-10-python.tar.gz)",
+}
+_SOURCE = {
+    "mnist": "torchvision.datasets.MNIST(root, download=True) fetches it (images.py --download)",
+    "cifar10": "from https://www.cs.toronto.edu/~kriz/cifar.html; torchvision.datasets.CIFAR10(root, download=True) "
+    "fetches it (images.py --download)",
 }
 
 
@@ -87,8 +93,20 @@ def load_image_dataset(name: str, root: str | os.PathLike | None = None) -> Imag
     if name not in IMAGE_DATASETS:
         raise ValueError(f"name must be one of {list(IMAGE_DATASETS)}, got {name!r}")
     root = resolve_root(root)
-    paths = [require_file(root / path, _WHAT[name]) for path in _FILES[name]]
+    paths = [require_file(root / path, _WHAT[name], _SOURCE[name]) for path in _FILES[name]]
     if name == "mnist":
         return ImageData(_read_idx_images(paths[0]), _read_idx_images(paths[1]), name)
     train = torch.cat([_read_cifar_batch(path) for path in paths[:-1]])
     return ImageData(train, _read_cifar_batch(paths[-1]), name)
+
+
+def download_image_dataset(name: str, root: str | os.PathLike | None = None) -> None:
+    """Fetches MNIST or CIFAR-10 into ``root`` with torchvision's own downloader (``download=True``), in the
+    layout :func:`load_image_dataset` reads. Needs internet access and torchvision."""
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"name must be one of {list(IMAGE_DATASETS)}, got {name!r}")
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10}[name]
+    for train in (True, False):
+        cls(str(resolve_root(root)), train=train, download=True)

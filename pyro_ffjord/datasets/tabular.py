@@ -86,7 +86,9 @@ class TabularData:
 
 def _maf_file(root: PathLike | None, rel: str, name: str) -> Path:
     path = resolve_root(root) / rel
-    return require_file(path, f"{name} data (expected <root>/{rel} as in the MAF repository, gpapamak/maf)")
+    return require_file(
+        path, f"{name} data", "MAF's preprocessed files, data.tar.gz from https://zenodo.org/record/1161203"
+    )
 
 
 def _check_finite(x: np.ndarray, path: Path) -> None:
@@ -307,7 +309,8 @@ def _grey_images(folder: Path) -> list[np.ndarray]:
     if not files:
         raise FileNotFoundError(
             f"no BSDS300 images: expected {folder}/<id>.png or <id>.jpg "
-            "(layout <root>/BSDS300/images/{train,test}/). Nothing is downloaded."
+            "(layout <root>/BSDS300/images/{train,test}/, as BSDS300-images.tgz from "
+            "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/bsds/ unpacks)"
         )
     images = []
     for p in files:

@@ -100,7 +100,11 @@ def load_binarized_mnist(root: str | os.PathLike | None = None) -> VAEData:
     folder = resolve_root(root) / "binarized_mnist"
     splits = []
     for split in ("train", "valid", "test"):
-        path = require_file(folder / f"binarized_mnist_{split}.mat", f"statically binarized MNIST ({split} split)")
+        path = require_file(
+            folder / f"binarized_mnist_{split}.mat",
+            f"statically binarized MNIST ({split} split)",
+            "converted from http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/ (docs/data.md)",
+        )
         (x,) = _loadmat(path, "X")
         splits.append(_check_range(_images(x, path), path, binary=True))
     return VAEData(*_tensors(*splits), name="mnist", input_shape=(1, 28, 28), likelihood="bernoulli")
@@ -140,7 +144,8 @@ def load_omniglot(root: str | os.PathLike | None = None, seed: int = 0) -> VAEDa
         train, test = (_images(x.T, path, transpose=True) for x in _loadmat(path, "data", "testdata"))
     else:
         what = f"Omniglot 28x28 substitute (see PROVENANCE.md; or put IWAE's chardata.mat at {chardata})"
-        path = require_file(folder / "omniglot28_substitute.npz", what)
+        source = "built from torchvision.datasets.Omniglot(root, download=True) (docs/data.md)"
+        path = require_file(folder / "omniglot28_substitute.npz", what, source)
         train, test = (_images(x, path) / 255 for x in _read(path, _read_npz_images))
     train, test = _check_range(train, path, binary=False), _check_range(test, path, binary=False)
     if len(train) <= OMNIGLOT_VALIDATION:
@@ -180,7 +185,11 @@ def load_caltech101_silhouettes(root: str | os.PathLike | None = None, seed: int
     if path.is_file():
         parts = _loadmat(path, "train_data", "val_data", "test_data")
     else:
-        path = require_file(folder / "caltech101_silhouettes_28.mat", "Caltech101 Silhouettes 28x28 (all images)")
+        path = require_file(
+            folder / "caltech101_silhouettes_28.mat",
+            "Caltech101 Silhouettes 28x28 (all images)",
+            "from https://people.cs.umass.edu/~marlin/data.shtml",
+        )
         (x,) = _loadmat(path, "X")
         if len(x) != sum(CALTECH_SPLIT):
             raise ValueError(f"{path}: expected {sum(CALTECH_SPLIT)} images, got {len(x)}")
@@ -213,7 +222,11 @@ def load_freyfaces(root: str | os.PathLike | None = None, seed: int = FREY_SEED)
         FileNotFoundError: The file is missing.
         ValueError: The file is unreadable or not 1965 uint8 images of 560 pixels.
     """
-    path = require_file(resolve_root(root) / "freyfaces" / "freyfaces.pkl", "Frey faces (freyfaces.pkl)")
+    path = require_file(
+        resolve_root(root) / "freyfaces" / "freyfaces.pkl",
+        "Frey faces (freyfaces.pkl)",
+        "from https://cs.nyu.edu/~roweis/data.html, as pickled by riannevdberg/sylvester-flows (docs/data.md)",
+    )
     data = _read(path, _read_pickle_first)
     if data.dtype != np.uint8 or data.shape != (sum(FREY_SPLIT), 28 * 20):
         raise ValueError(f"{path}: expected uint8 of shape {(sum(FREY_SPLIT), 560)}, got {data.dtype} {data.shape}")
