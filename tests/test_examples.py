@@ -188,16 +188,25 @@ def test_toy_rnode_penalty_trains_under_svi(tmp_path):
     assert math.isfinite(json.loads((tmp_path / "metrics.json").read_text())["test_nll"])
 
 
-@pytest.mark.parametrize("name, metric", [("vae.py", "posteriors"), ("images.py", "test_bits_per_dim")])
-def test_data_parallel_with_two_gloo_processes(name, metric, tmp_path):
+@pytest.mark.parametrize(
+    "name, results, metric",
+    [
+        ("vae.py", ["posteriors", "ffjord"], "test_neg_elbo"),
+        ("images.py", [], "test_bits_per_dim"),
+        ("toy_2d.py", [], "test_nll"),
+        ("tabular.py", ["models", "ffjord"], "test_nll"),
+    ],
+)
+def test_data_parallel_with_two_gloo_processes(name, results, metric, tmp_path):
     """torchrun, 2 CPU processes (Gloo): the averaged updates keep the replicas identical; rank 0 alone writes.
     (That an averaged update equals one update on the union of the batches: test_reliability.)"""
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     run(name, [*TINY[name], "--distributed", "--out", str(tmp_path)], launcher=launcher)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    results = metrics["posteriors"]["ffjord"] if metric == "posteriors" else metrics
-    assert metrics["world_size"] == 2 and results["ranks_in_sync"]
-    assert math.isfinite(results["test_neg_elbo"] if metric == "posteriors" else results[metric])
+    model = metrics
+    for key in results:
+        model = model[key]
+    assert metrics["world_size"] == 2 and model["ranks_in_sync"] and math.isfinite(model[metric])
     assert (tmp_path / "checkpoint.pt").is_file() and list(tmp_path.glob("*.png"))
 
 
