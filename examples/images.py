@@ -52,29 +52,7 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.images import IMAGE_DATASETS, download_image_dataset, load_image_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.flags import (  # noqa: E402
-    HelpFormatter,
-    add_common_args,
-    add_objective_args,
-    add_solver_args,
-    evaluation_solver,
-    int_list,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    solver_options,
-)
-from common.training import (  # noqa: E402
-    Processes,
-    Trainer,
-    in_sync,
-    load_checkpoint,
-    processes,
-    training_state,
-    update,
-    write_json,
-)
+from common import flags, training  # noqa: E402
 
 
 class ImageCNF(nn.Module):
@@ -107,7 +85,7 @@ def build_flow(args: argparse.Namespace, shape: tuple[int, int, int]) -> pf.Mult
         T=args.T,
         train_T=args.train_T,
         regularization=regularization,
-        **solver_options(args),
+        **flags.solver_options(args),
     )
 
 
@@ -128,7 +106,7 @@ def guide(x: Tensor, flow: pf.MultiscaleFFJORD) -> None:
     """Nothing is latent: the ELBO is the exact log-likelihood."""
 
 
-def batch_seed(data_seed: int, step: int, procs: Processes) -> int:
+def batch_seed(data_seed: int, step: int, procs: training.Processes) -> int:
     """One seed per (run, step, rank): the batch, its dequantization noise and the Hutchinson noise."""
     return (data_seed * 1_000_003 + step) * procs.world_size + procs.rank
 
@@ -141,7 +119,9 @@ def training_batch(train: Tensor, size: int, seed: int, device: torch.device) ->
 
 
 @torch.no_grad()
-def evaluate_bits_per_dim(flow: pf.MultiscaleFFJORD, test: Tensor, args, procs: Processes) -> tuple[float, float]:
+def evaluate_bits_per_dim(
+    flow: pf.MultiscaleFFJORD, test: Tensor, args, procs: training.Processes
+) -> tuple[float, float]:
     """Mean test bits/dim and its standard error; each process scores its share, the sums are all-reduced."""
     g = torch.Generator().manual_seed(args.seed + 10_000)
     x = pf.dequantize(test, generator=g)[procs.rank :: procs.world_size]  # same noise for every world size
@@ -171,11 +151,11 @@ def save_samples(path: Path, flow: pf.MultiscaleFFJORD, args, device: torch.devi
 
 
 def main(args: argparse.Namespace) -> dict:
-    with processes(args) as procs:
+    with training.processes(args) as procs:
         return run(args, procs)
 
 
-def run(args: argparse.Namespace, procs: Processes) -> dict:
+def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     device = procs.device
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -212,10 +192,9 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
     )
     elbo, params = Trace_ELBO(), list(flow.parameters())
     pyro.module("flow", flow)
-    checkpoint, start, state, saved = out / "checkpoint.pt", 0, training_state(), None
-    if args.resume:
-        saved = load_checkpoint(checkpoint, flow, scheduler)
-        start, state = saved["step"], saved["state"]
+    trainer = training.Trainer(
+        out / "checkpoint.pt", flow, scheduler, training.training_state(), args.resume, writer=procs.rank == 0
+    )
 
     def train_step(step: int, state: dict) -> float:
         seed = batch_seed(args.seed, step, procs)
@@ -229,7 +208,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
             loss = nll + flow.regularization_loss()
             latest["bits_per_dim"] = pf.bits_per_dim(-nll.detach(), num_dims).item()
         loss.backward()
-        value = update(loss.detach(), params, scheduler)
+        value = training.update(loss.detach(), params, scheduler)
         scheduler.step()
         return value
 
@@ -243,12 +222,11 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
         state["log"].append({**row, "seconds": state["seconds"]})
 
     latest: dict[str, float] = {}
-    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
-    trainer = Trainer(checkpoint, flow, scheduler, saved, writer=procs.rank == 0)
-    state = trainer.run(state, start, args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
+    bar = tqdm(initial=trainer.start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
+    state = trainer.run(args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
     bar.close()
 
-    with evaluation_solver(flow, args):
+    with flags.evaluation_solver(flow, args):
         eval_started = time.time()
         bpd, se = evaluate_bits_per_dim(flow, test, args, procs)
         metrics = {
@@ -264,45 +242,47 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
             "eval_divergence": args.eval_divergence,
             "eval_nfe": flow.nfe.forward,
             "objective": args.objective,
-            "ranks_in_sync": in_sync(flow),
+            "ranks_in_sync": training.in_sync(flow),
         }
         if procs.rank == 0:
             save_samples(Path(args.plot or out / f"{args.dataset}_samples.png"), flow, args, device)
     if procs.rank == 0:
-        write_json(out / "metrics.json", metrics)
+        training.write_json(out / "metrics.json", metrics)
         solver = f"{args.eval_divergence} trace, {args.eval_method} rtol {args.eval_rtol} atol {args.eval_atol}"
         print(f"{args.dataset}: test {bpd:.3f} ± {se:.3f} bits/dim on {len(test)} images ({solver})")
     return metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="mnist", help="dataset")
     parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision first")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=non_negative_int, default=2000, help="training images (0: all)")
-    parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
-    add_common_args(parser, num_steps=200, out="outputs/images")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step and process")
-    parser.add_argument("--lr", type=positive_float, default=5e-3)
-    parser.add_argument("--warmup", type=non_negative_int, default=20, help="linear learning-rate warm-up steps")
+    parser.add_argument("--num-train", type=flags.non_negative_int, default=2000, help="training images (0: all)")
+    parser.add_argument("--num-test", type=flags.non_negative_int, default=500, help="test images (0: all)")
+    flags.add_common_args(parser, num_steps=200, out="outputs/images")
+    parser.add_argument("--batch-size", type=flags.positive_int, default=32, help="images per step and process")
+    parser.add_argument("--lr", type=flags.positive_float, default=5e-3)
+    parser.add_argument("--warmup", type=flags.non_negative_int, default=20, help="linear learning-rate warm-up steps")
     parser.add_argument("--lr-decay", choices=["cosine", "none"], default="cosine", help="after the warm-up")
-    add_objective_args(parser, default="ml", choices=("ml", "fm"))
+    flags.add_objective_args(parser, default="ml", choices=("ml", "fm"))
     parser.add_argument(
-        "--unet-channels", type=int_list, default=(32, 64, 64), help="U-Net channels per resolution (fm)"
+        "--unet-channels", type=flags.int_list, default=(32, 64, 64), help="U-Net channels per resolution (fm)"
     )
-    parser.add_argument("--n-scales", type=positive_int, default=2, help="squeeze levels of the multiscale model")
-    parser.add_argument("--n-blocks", type=positive_int, default=1, help="CNF blocks before and after each squeeze")
-    parser.add_argument("--hidden-channels", type=int_list, default=(16, 16, 16), help="of each conv net")
+    parser.add_argument("--n-scales", type=flags.positive_int, default=2, help="squeeze levels of the multiscale model")
+    parser.add_argument(
+        "--n-blocks", type=flags.positive_int, default=1, help="CNF blocks before and after each squeeze"
+    )
+    parser.add_argument("--hidden-channels", type=flags.int_list, default=(16, 16, 16), help="of each conv net")
     parser.add_argument("--layer", choices=["concat", "concatsquash"], default="concat", help="time conditioning")
-    parser.add_argument("--alpha", type=positive_float, default=1e-6, help="logit pre-processing")
-    parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
+    parser.add_argument("--alpha", type=flags.positive_float, default=1e-6, help="logit pre-processing")
+    parser.add_argument("--T", type=flags.positive_float, default=1.0, help="initial integration time of each block")
     parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
-    add_solver_args(parser, method="rk4", step_size=0.5, tol=1e-5, max_steps=1000, trace="hutchinson")
-    parser.add_argument("--kinetic", type=non_negative_float, default=0.01, help="RNODE kinetic-energy weight")
-    parser.add_argument("--jacobian", type=non_negative_float, default=0.01, help="RNODE Jacobian-norm weight")
-    parser.add_argument("--eval-batch-size", type=positive_int, default=250, help="test images per solve")
-    parser.add_argument("--num-samples", type=positive_int, default=64, help="samples in the PNG grid")
+    flags.add_solver_args(parser, method="rk4", step_size=0.5, tol=1e-5, max_steps=1000, trace="hutchinson")
+    parser.add_argument("--kinetic", type=flags.non_negative_float, default=0.01, help="RNODE kinetic-energy weight")
+    parser.add_argument("--jacobian", type=flags.non_negative_float, default=0.01, help="RNODE Jacobian-norm weight")
+    parser.add_argument("--eval-batch-size", type=flags.positive_int, default=250, help="test images per solve")
+    parser.add_argument("--num-samples", type=flags.positive_int, default=64, help="samples in the PNG grid")
     return parser.parse_args(argv)
 
 

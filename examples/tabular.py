@@ -51,31 +51,7 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.tabular import TabularData, load_tabular
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.flags import (  # noqa: E402
-    HelpFormatter,
-    add_common_args,
-    add_objective_args,
-    add_solver_args,
-    evaluation_solver,
-    flow_matching_now,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    solver_options,
-)
-from common.training import (  # noqa: E402
-    Processes,
-    Trainer,
-    early_stopping_state,
-    flow_matching_step,
-    in_sync,
-    load_checkpoint,
-    processes,
-    record_validation,
-    svi_step,
-    train_batches,
-    write_json,
-)
+from common import flags, training  # noqa: E402
 
 DATASETS = ("power", "gas", "hepmass", "miniboone", "bsds300", "bsds300-images")
 MODELS = ("ffjord", "maf", "spline")
@@ -178,7 +154,7 @@ def build_flow(name: str, train: Tensor, args: argparse.Namespace, device: torch
                 T=args.T,
                 train_T=args.train_T,
                 divergence="hutchinson",
-                **solver_options(args),
+                **flags.solver_options(args),
             )
             transforms.append(layer)
         elif name == "maf":
@@ -294,7 +270,7 @@ def load_data(args: argparse.Namespace) -> TabularData:
     return data
 
 
-def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: training.Processes) -> dict[str, Any]:
     """Trains one flow with early stopping, restores its best parameters and evaluates it on the test set.
 
     Its checkpoint and log live in ``<out>`` (one model) or ``<out>/<name>`` (``--model all``).
@@ -310,12 +286,12 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: Pro
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: invalid {name} settings: {e}") from None
     optimizer, elbo = pyro.optim.Adam({"lr": args.lr}), Trace_ELBO()
-    checkpoint, start, state, saved = run_dir / "checkpoint.pt", 0, early_stopping_state(flow), None
+    checkpoint = run_dir / "checkpoint.pt"
     pyro.module(name, flow)  # every objective keeps the parameters in Pyro's param store
     # with --model all, a model that had not started when the run stopped has no checkpoint: it starts afresh
-    if args.resume and (checkpoint.is_file() or args.model != "all" or name == MODELS[0]):
-        saved = load_checkpoint(checkpoint, flow, optimizer)
-        start, state = saved["step"], saved["state"]
+    resume = args.resume and (checkpoint.is_file() or args.model != "all" or name == MODELS[0])
+    state = training.early_stopping_state(flow)
+    trainer = training.Trainer(checkpoint, flow, optimizer, state, resume, writer=procs.rank == 0)
 
     train = data["train"]
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.bn_rows]
@@ -325,22 +301,22 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: Pro
         """One optimizer step, and the validation loss when it is due (recorded in ``state``): the NLL, or the
         flow-matching loss while training by flow matching (a new early-stopping record starts with the NLL)."""
         flow.train()
-        batch = train_batches(len(train), args.batch_size, args.seed, step * procs.world_size + procs.rank)
+        batch = training.train_batches(len(train), args.batch_size, args.seed, step * procs.world_size + procs.rank)
         x = train[batch.to(procs.device)]
-        matching = name == "ffjord" and flow_matching_now(args, step, args.num_steps)
-        if name == "ffjord" and not matching and flow_matching_now(args, step - 1, args.num_steps):
+        matching = name == "ffjord" and flags.flow_matching_now(args, step, args.num_steps)
+        if name == "ffjord" and not matching and flags.flow_matching_now(args, step - 1, args.num_steps):
             state.update(best_val=math.inf, bad_evals=0)  # the first likelihood step of fm+ml
         if matching:
-            loss = flow_matching_step(flow.cnfs()[0], flow.scaled(x), optimizer, args)
+            loss = training.flow_matching_step(flow.cnfs()[0], flow.scaled(x), optimizer, args)
         else:
-            loss = svi_step(elbo, optimizer, model, guide, x, flow, name) / len(x)
+            loss = training.svi_step(elbo, optimizer, model, guide, x, flow, name) / len(x)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.num_steps:
             if matching:
                 value = flow_matching_validation(flow, data["val"], args)
             else:
                 calibrate_batchnorm(flow, calibration)
                 value = nll(flow, data["val"], args.eval_batch_size)[0]
-            record_validation(state, step + 1, value, flow, args.patience)
+            training.record_validation(state, step + 1, value, flow, args.patience)
         return loss
 
     def report(step: int, loss: float, state: dict[str, Any]) -> None:
@@ -353,9 +329,8 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: Pro
         row = {"step": step, "loss": loss, "val_loss": val, "nfe_forward": nfe, "T": T_mean}
         state["log"].append({**row, "seconds": state["seconds"]})
 
-    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or procs.rank > 0, desc=name)
-    trainer = Trainer(checkpoint, flow, optimizer, saved, writer=procs.rank == 0)
-    state = trainer.run(state, start, args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
+    bar = tqdm(initial=trainer.start, total=args.num_steps, disable=args.no_progress or procs.rank > 0, desc=name)
+    state = trainer.run(args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
     bar.close()
     losses = [row["loss"] for row in state["log"]]
     if state["stopped"]:
@@ -363,7 +338,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: Pro
 
     flow.load_state_dict(state["best_module"])
     started = time.time()
-    with evaluation_solver(flow, args) if flow.cnfs() else contextlib.nullcontext():
+    with flags.evaluation_solver(flow, args) if flow.cnfs() else contextlib.nullcontext():
         test, se = nll(flow, data["test"], args.eval_batch_size)
         eval_nfe = sum(c.nfe.forward for c in flow.cnfs())
     metrics = {
@@ -377,7 +352,7 @@ def fit(name: str, data: dict[str, Tensor], args: argparse.Namespace, procs: Pro
         "eval_seconds": round(time.time() - started, 1),
         "eval_nfe": eval_nfe,
         "num_params": sum(p.numel() for p in flow.parameters()),
-        "ranks_in_sync": in_sync(flow),
+        "ranks_in_sync": training.in_sync(flow),
     }
     return {"flow": flow, "losses": losses, "val": state["val"], "metrics": metrics}
 
@@ -448,11 +423,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the data, fits the Gaussian reference and each flow, writes metrics.json and the plot."""
     if args.objective != "ml" and architecture(args).num_blocks != 1:
         raise SystemExit(f"error: --objective {args.objective} trains one CNF: use --num-blocks 1")
-    with processes(args) as procs:
+    with training.processes(args) as procs:
         return run(args, procs)
 
 
-def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+def run(args: argparse.Namespace, procs: training.Processes) -> dict[str, Any]:
     device = procs.device
     data = load_data(args)
     tensors = {split: torch.from_numpy(a).to(device) for split, a in zip(("train", "val", "test"), data.splits)}
@@ -484,7 +459,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     }
     if procs.rank > 0:
         return metrics
-    write_json(Path(args.out) / "metrics.json", metrics)
+    training.write_json(Path(args.out) / "metrics.json", metrics)
     plot(Path(args.plot or Path(args.out) / f"tabular_{data.name}.png"), data, tensors["test"], results, gaussian)
     print(f"\n{data.name} (D = {data.dim}), test NLL in nats (exact trace, {args.eval_method}):")
     print(f"{'model':<9}{'NLL':>10}{'± SE':>8}{'seconds':>9}{'steps':>7}{'best':>6}")
@@ -498,50 +473,58 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", choices=DATASETS, default="bsds300-images", help="dataset")
     source.add_argument("--csv", default=None, help="a numeric .csv/.npy table instead (split and standardized)")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=non_negative_int, default=20000, help="rows used for training (0: all)")
-    parser.add_argument("--num-val", type=non_negative_int, default=2000, help="validation rows (0: all)")
-    parser.add_argument("--num-test", type=non_negative_int, default=5000, help="test rows (0: all)")
-    parser.add_argument("--model", choices=[*MODELS, "all"], default="ffjord", help="flow to train")
-    add_common_args(parser, num_steps=800, out="outputs/tabular")
-    parser.add_argument("--batch-size", type=positive_int, default=500, help="rows per step and process")
-    parser.add_argument("--lr", type=positive_float, default=3e-3, help="Adam step size (paper: 1e-3)")
-    add_objective_args(parser, default="ml")
-    parser.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation NLLs")
     parser.add_argument(
-        "--patience", type=positive_int, default=10, help="validations without improvement before stopping"
+        "--num-train", type=flags.non_negative_int, default=20000, help="rows used for training (0: all)"
     )
-    parser.add_argument("--num-hidden", type=positive_int, default=None, help="hidden layers (default: the paper's)")
+    parser.add_argument("--num-val", type=flags.non_negative_int, default=2000, help="validation rows (0: all)")
+    parser.add_argument("--num-test", type=flags.non_negative_int, default=5000, help="test rows (0: all)")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="ffjord", help="flow to train")
+    flags.add_common_args(parser, num_steps=800, out="outputs/tabular")
+    parser.add_argument("--batch-size", type=flags.positive_int, default=500, help="rows per step and process")
+    parser.add_argument("--lr", type=flags.positive_float, default=3e-3, help="Adam step size (paper: 1e-3)")
+    flags.add_objective_args(parser, default="ml")
+    parser.add_argument("--eval-every", type=flags.positive_int, default=50, help="steps between validation NLLs")
     parser.add_argument(
-        "--hidden-mult", type=positive_int, default=None, help="hidden width / D (default: the paper's)"
+        "--patience", type=flags.positive_int, default=10, help="validations without improvement before stopping"
+    )
+    parser.add_argument(
+        "--num-hidden", type=flags.positive_int, default=None, help="hidden layers (default: the paper's)"
+    )
+    parser.add_argument(
+        "--hidden-mult", type=flags.positive_int, default=None, help="hidden width / D (default: the paper's)"
     )
     parser.add_argument(
         "--max-width",
-        type=non_negative_int,
+        type=flags.non_negative_int,
         default=None,
         help="cap on the hidden width (0: none, the paper; default: 64, 512 for flow matching)",
     )
-    parser.add_argument("--num-blocks", type=positive_int, default=None, help="stacked CNFs (default: the paper's)")
+    parser.add_argument(
+        "--num-blocks", type=flags.positive_int, default=None, help="stacked CNFs (default: the paper's)"
+    )
     parser.add_argument("--layer", default=None, help="time conditioning (default: concatsquash, concat for fm)")
     parser.add_argument(
         "--time-frequencies",
-        type=non_negative_int,
+        type=flags.non_negative_int,
         default=None,
         help="sinusoidal time features (default: 0, 8 for fm)",
     )
     parser.add_argument("--activation", default=None, help="tanh, softplus, ... (default: the paper's)")
-    parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
+    parser.add_argument("--T", type=flags.positive_float, default=1.0, help="initial integration time of each block")
     parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
-    add_solver_args(parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=10000)  # paper: atol 1e-8, rtol 1e-6
+    flags.add_solver_args(
+        parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=10000
+    )  # paper: atol 1e-8, rtol 1e-6
     parser.add_argument(
-        "--bn-rows", type=positive_int, default=5000, help="train rows that set the batch-norm averages"
+        "--bn-rows", type=flags.positive_int, default=5000, help="train rows that set the batch-norm averages"
     )
-    parser.add_argument("--baseline-layers", type=positive_int, default=5, help="MAF / spline-coupling layers")
-    parser.add_argument("--eval-batch-size", type=positive_int, default=1000, help="rows per evaluation solve")
+    parser.add_argument("--baseline-layers", type=flags.positive_int, default=5, help="MAF / spline-coupling layers")
+    parser.add_argument("--eval-batch-size", type=flags.positive_int, default=1000, help="rows per evaluation solve")
     return parser.parse_args(argv)
 
 

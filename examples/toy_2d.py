@@ -29,30 +29,7 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.toy import TOY_DATASETS, sample_toy, toy_log_density
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.flags import (  # noqa: E402
-    HelpFormatter,
-    add_common_args,
-    add_objective_args,
-    add_solver_args,
-    evaluation_solver,
-    flow_matching_now,
-    int_list,
-    non_negative_float,
-    positive_float,
-    positive_int,
-    solver_options,
-)
-from common.training import (  # noqa: E402
-    Processes,
-    Trainer,
-    flow_matching_step,
-    in_sync,
-    load_checkpoint,
-    processes,
-    svi_step,
-    training_state,
-    write_json,
-)
+from common import flags, training  # noqa: E402
 
 
 def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
@@ -67,7 +44,7 @@ def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
             train_T=args.train_T,
             divergence=args.divergence,
             regularization=regularization,
-            **solver_options(args),
+            **flags.solver_options(args),
         )
         for _ in range(args.num_blocks)
     ]
@@ -146,11 +123,11 @@ def plot(path: Path, args, flow, data: torch.Tensor, losses: list[float], metric
 
 
 def main(args: argparse.Namespace) -> dict:
-    with processes(args) as procs:
+    with training.processes(args) as procs:
         return run(args, procs)
 
 
-def run(args: argparse.Namespace, procs: Processes) -> dict:
+def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     device = procs.device
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -173,18 +150,17 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
     )
     elbo = Trace_ELBO()
     pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
-    checkpoint, start, state, saved = out / "checkpoint.pt", 0, training_state(), None
-    if args.resume:
-        saved = load_checkpoint(checkpoint, flow, scheduler)
-        start, state = saved["step"], saved["state"]
+    trainer = training.Trainer(
+        out / "checkpoint.pt", flow, scheduler, training.training_state(), args.resume, writer=procs.rank == 0
+    )
 
     def train_step(step: int, state: dict) -> float:
         seed = (args.seed * 1_000_003 + step) * procs.world_size + procs.rank
         x = sample_toy(args.data, args.batch_size, seed=seed).float().to(device)
-        if flow_matching_now(args, step, args.num_steps):
-            loss = flow_matching_step(flow.parts[0], x, scheduler, args)
+        if flags.flow_matching_now(args, step, args.num_steps):
+            loss = training.flow_matching_step(flow.parts[0], x, scheduler, args)
         else:
-            loss = svi_step(elbo, scheduler, model, guide, x, flow) / len(x)
+            loss = training.svi_step(elbo, scheduler, model, guide, x, flow) / len(x)
         scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
         return loss
 
@@ -194,13 +170,12 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
         bar.update()
         state["log"].append({"step": step, "loss": loss, "nfe_forward": nfe, "T": T, "seconds": state["seconds"]})
 
-    bar = tqdm(initial=start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
-    trainer = Trainer(checkpoint, flow, scheduler, saved, writer=procs.rank == 0)
-    state = trainer.run(state, start, args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
+    bar = tqdm(initial=trainer.start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
+    state = trainer.run(args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
     bar.close()
     losses = [row["loss"] for row in state["log"]]
 
-    with evaluation_solver(flow, args):
+    with flags.evaluation_solver(flow, args):
         nll, se = test_nll(flow, test, args.eval_batch_size)
         nfe = flow.parts[0].nfe.forward
         log_density = toy_log_density(args.data, test)
@@ -213,12 +188,12 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
             "train_seconds": round(state["seconds"], 1),
             "num_steps": args.num_steps,
             "world_size": procs.world_size,
-            "ranks_in_sync": in_sync(flow),
+            "ranks_in_sync": training.in_sync(flow),
         }
         if procs.rank > 0:
             return metrics
         plot(Path(args.plot or out / f"toy_{args.data}.png"), args, flow, test, losses, metrics)
-    write_json(out / "metrics.json", metrics)
+    training.write_json(out / "metrics.json", metrics)
     true = "" if metrics["true_nll"] is None else f"  true NLL {metrics['true_nll']:.3f} nats"
     solver = f"exact trace, {args.eval_method} rtol {args.eval_rtol} atol {args.eval_atol}"
     print(f"{args.data}: test NLL {nll:.3f} ± {se:.3f} nats ({solver}){true}")
@@ -226,25 +201,25 @@ def run(args: argparse.Namespace, procs: Processes) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--data", choices=TOY_DATASETS, default="8gaussians", help="toy density")
-    add_common_args(parser, out="outputs/toy_2d", num_steps=1500)
-    parser.add_argument("--batch-size", type=positive_int, default=512, help="samples per step")
-    parser.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate (cosine decay)")
-    add_objective_args(parser, default="ml")
-    parser.add_argument("--hidden-dims", type=int_list, default=(64, 64, 64), help="widths of the field's layers")
-    parser.add_argument("--num-blocks", type=positive_int, default=1, help="stacked CNFs")
+    flags.add_common_args(parser, out="outputs/toy_2d", num_steps=1500)
+    parser.add_argument("--batch-size", type=flags.positive_int, default=512, help="samples per step")
+    parser.add_argument("--lr", type=flags.positive_float, default=5e-3, help="Adam learning rate (cosine decay)")
+    flags.add_objective_args(parser, default="ml")
+    parser.add_argument("--hidden-dims", type=flags.int_list, default=(64, 64, 64), help="widths of the field's layers")
+    parser.add_argument("--num-blocks", type=flags.positive_int, default=1, help="stacked CNFs")
     parser.add_argument("--layer", default="concatsquash", help="time conditioning of the layers")
     parser.add_argument("--activation", default="tanh", help="of the field's layers")
-    parser.add_argument("--T", type=positive_float, default=0.5, help="(initial) integration time")
+    parser.add_argument("--T", type=flags.positive_float, default=0.5, help="(initial) integration time")
     parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
     parser.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact", help="training trace")
-    add_solver_args(parser, method="rk4", step_size=0.125, tol=1e-5, max_steps=1000)
-    parser.add_argument("--kinetic", type=non_negative_float, default=0.0, help="RNODE kinetic-energy weight")
-    parser.add_argument("--jacobian", type=non_negative_float, default=0.0, help="RNODE Jacobian-norm weight")
-    parser.add_argument("--num-test", type=positive_int, default=20000, help="test samples")
-    parser.add_argument("--eval-batch-size", type=positive_int, default=10000, help="test samples per solve")
-    parser.add_argument("--plot-resolution", type=positive_int, default=200, help="density grid points per axis")
+    flags.add_solver_args(parser, method="rk4", step_size=0.125, tol=1e-5, max_steps=1000)
+    parser.add_argument("--kinetic", type=flags.non_negative_float, default=0.0, help="RNODE kinetic-energy weight")
+    parser.add_argument("--jacobian", type=flags.non_negative_float, default=0.0, help="RNODE Jacobian-norm weight")
+    parser.add_argument("--num-test", type=flags.positive_int, default=20000, help="test samples")
+    parser.add_argument("--eval-batch-size", type=flags.positive_int, default=10000, help="test samples per solve")
+    parser.add_argument("--plot-resolution", type=flags.positive_int, default=200, help="density grid points per axis")
     return parser.parse_args(argv)
 
 

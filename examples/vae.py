@@ -51,29 +51,7 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.vae import VAEData, load_vae_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common.flags import (  # noqa: E402
-    HelpFormatter,
-    add_common_args,
-    add_solver_args,
-    evaluation_solver,
-    int_list,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    solver_options,
-)
-from common.training import (  # noqa: E402
-    Processes,
-    Trainer,
-    early_stopping_state,
-    in_sync,
-    load_checkpoint,
-    processes,
-    record_validation,
-    svi_step,
-    train_batches,
-    write_json,
-)
+from common import flags, training  # noqa: E402
 
 DATASETS = ("mnist", "omniglot", "caltech", "frey")
 POSTERIORS = ("ffjord", "ffjord-context", "iaf", "gaussian")
@@ -227,7 +205,7 @@ def build_flows(name: str, args: argparse.Namespace) -> list[nn.Module]:
         noise=args.noise,
         layer=args.layer,
         activation=args.activation,
-        **solver_options(args),
+        **flags.solver_options(args),
     )
     if name == "ffjord":
         make = partial(pf.amortized_ffjord, args.z_dim, FEATURES, settings.hidden_dims, settings.rank, **options)
@@ -291,7 +269,7 @@ def subset(x: Tensor, n: int, seed: int = 0) -> Tensor:
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Namespace, procs: Processes):
+def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Namespace, procs: training.Processes):
     """Trains one posterior with KL warm-up and early stopping, then evaluates its best parameters on the test set.
 
     Its checkpoint (written atomically each epoch) and log live in ``<out>`` or, for ``--posterior all``,
@@ -308,21 +286,20 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     cnfs = [m for m in vae.flows if isinstance(m, pf.ConditionalFFJORD)]
 
     def test_metrics(num_samples: int) -> dict[str, float]:
-        with evaluation_solver(vae, args) if cnfs else contextlib.nullcontext():
+        with flags.evaluation_solver(vae, args) if cnfs else contextlib.nullcontext():
             return evaluate(vae, test, num_samples, args.eval_batch_size, args.is_chunk)
 
     optimizer, elbo = pyro.optim.Adamax({"lr": args.lr, "eps": 1e-7}), Trace_ELBO()
     # an epoch is one pass over the data by all the processes together
     steps_per_epoch = max(len(train) // (args.batch_size * procs.world_size), 1)
     num_steps = args.num_epochs * steps_per_epoch
-    checkpoint, start, state, saved = run_dir / "checkpoint.pt", 0, early_stopping_state(vae), None
+    checkpoint = run_dir / "checkpoint.pt"
     pyro.module("vae", vae)
     # with --posterior all, a posterior that had not started when the run stopped has no checkpoint: it starts afresh
-    if args.resume and (checkpoint.is_file() or args.posterior != "all" or name == POSTERIORS[0]):
-        saved = load_checkpoint(checkpoint, vae, optimizer)
-        start, state = saved["step"], saved["state"]
-    else:  # the -ELBO of the initialization, the baseline any training must beat; kept in the checkpoints
-        state["untrained_neg_elbo"] = test_metrics(1)["neg_elbo"]
+    resume = args.resume and (checkpoint.is_file() or args.posterior != "all" or name == POSTERIORS[0])
+    trainer = training.Trainer(checkpoint, vae, optimizer, training.early_stopping_state(vae), resume, procs.rank == 0)
+    if not resume:  # the -ELBO of the initialization, the baseline any training must beat; kept in the checkpoints
+        trainer.state["untrained_neg_elbo"] = test_metrics(1)["neg_elbo"]
 
     def beta_of(step: int) -> float:
         epoch = step // steps_per_epoch + 1
@@ -330,16 +307,16 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
 
     def train_step(step: int, state: dict[str, Any]) -> float:
         vae.train()
-        batch = train_batches(len(train), args.batch_size, args.seed, step * procs.world_size + procs.rank)
+        batch = training.train_batches(len(train), args.batch_size, args.seed, step * procs.world_size + procs.rank)
         x = train[batch.to(procs.device)]
         if data.dynamic_binarization:
             x = torch.bernoulli(x)
-        loss = svi_step(elbo, optimizer, vae.model, vae.guide, x, beta_of(step)) / len(x)
+        loss = training.svi_step(elbo, optimizer, vae.model, vae.guide, x, beta_of(step)) / len(x)
         if (step + 1) % steps_per_epoch == 0:  # end of an epoch: validation -ELBO (training solver)
             val_loss = evaluate(vae, val, 1, args.eval_batch_size, args.is_chunk)["neg_elbo"]
             # as in Sylvester, epochs of the KL warm-up do not count towards early stopping
             warm = beta_of(step) >= args.max_beta
-            record_validation(state, (step + 1) // steps_per_epoch, val_loss, vae, args.patience, count=warm)
+            training.record_validation(state, (step + 1) // steps_per_epoch, val_loss, vae, args.patience, count=warm)
         return loss
 
     def report(step: int, loss: float, state: dict[str, Any]) -> None:
@@ -351,9 +328,8 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         row = {"step": step, "epoch": epoch, "beta": beta_of(step), "loss": loss, "val_neg_elbo": val, "nfe": nfe}
         state["log"].append({**row, "seconds": state["seconds"]})
 
-    bar = tqdm(initial=start, total=num_steps, disable=args.no_progress or procs.rank > 0, desc=name)
-    trainer = Trainer(checkpoint, vae, optimizer, saved, writer=procs.rank == 0)
-    state = trainer.run(state, start, num_steps, train_step, report, lambda step: step % steps_per_epoch == 0)
+    bar = tqdm(initial=trainer.start, total=num_steps, disable=args.no_progress or procs.rank > 0, desc=name)
+    state = trainer.run(num_steps, train_step, report, lambda step: step % steps_per_epoch == 0)
     bar.close()
     if state["stopped"]:
         print(f"{name}: early stop after epoch {len(state['val'])}, best at epoch {state['best_at']}")
@@ -375,7 +351,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
         "train_seconds": round(state["seconds"], 1),
         "eval_seconds": round(time.time() - started, 1),
         "num_params": sum(p.numel() for p in vae.parameters()),
-        "ranks_in_sync": in_sync(vae),
+        "ranks_in_sync": training.in_sync(vae),
     }
     return {"vae": vae, "losses": [row["loss"] for row in state["log"]], "val": state["val"], "metrics": metrics}
 
@@ -436,11 +412,11 @@ def load_splits(args: argparse.Namespace, device: torch.device) -> tuple[VAEData
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Trains the posterior(s), writes metrics.json and the plot, and prints the table in the paper's units."""
-    with processes(args) as procs:
+    with training.processes(args) as procs:
         return run(args, procs)
 
 
-def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+def run(args: argparse.Namespace, procs: training.Processes) -> dict[str, Any]:
     device = procs.device
     if args.is_samples is None:
         args.is_samples = 5000 if device.type == "cuda" else 5
@@ -474,7 +450,7 @@ def run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
     if procs.rank > 0:
         return metrics
     out = Path(args.out)
-    write_json(out / "metrics.json", metrics)
+    training.write_json(out / "metrics.json", metrics)
     plot(Path(args.plot or out / f"vae_{data.name}.png"), data, splits["test"], results)
     print(f"\n{data.name}: test metrics in {units} (the paper's FFJORD -ELBO: {PAPER_NEG_ELBO[data.name]})")
     print(f"{'posterior':<16}{'-ELBO':>9}{'NLL':>9}{'untrained -ELBO':>17}{'epochs':>8}{'seconds':>9}")
@@ -506,47 +482,61 @@ PAPER_SETTINGS = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=non_negative_int, default=5000, help="training images used (0: all)")
-    parser.add_argument("--num-val", type=non_negative_int, default=1000, help="validation images (0: all)")
-    parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
+    parser.add_argument("--num-train", type=flags.non_negative_int, default=5000, help="training images used (0: all)")
+    parser.add_argument("--num-val", type=flags.non_negative_int, default=1000, help="validation images (0: all)")
+    parser.add_argument("--num-test", type=flags.non_negative_int, default=500, help="test images (0: all)")
     parser.add_argument("--posterior", choices=[*POSTERIORS, "all"], default="ffjord", help="posterior to train")
     parser.add_argument(
         "--paper", action="store_true", help="the paper's full setting as defaults (flags given with it win)"
     )
-    add_common_args(parser, out="outputs/vae", num_steps=10, step_name="epochs")
-    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per step and process")
-    parser.add_argument("--lr", type=positive_float, default=5e-4, help="Adamax step size (the paper's)")
-    parser.add_argument("--warmup", type=non_negative_int, default=3, help="KL warm-up epochs (paper: 100; 0: none)")
-    parser.add_argument("--max-beta", type=positive_float, default=1.0, help="KL weight after the warm-up")
-    parser.add_argument("--patience", type=positive_int, default=35, help="epochs without improvement before stopping")
-    parser.add_argument("--z-dim", type=positive_int, default=64, help="latent dimension")
+    flags.add_common_args(parser, out="outputs/vae", num_steps=10, step_name="epochs")
+    parser.add_argument("--batch-size", type=flags.positive_int, default=100, help="images per step and process")
+    parser.add_argument("--lr", type=flags.positive_float, default=5e-4, help="Adamax step size (the paper's)")
     parser.add_argument(
-        "--rank", type=positive_int, default=None, help="of the amortized weights (default: the paper's)"
+        "--warmup", type=flags.non_negative_int, default=3, help="KL warm-up epochs (paper: 100; 0: none)"
     )
-    parser.add_argument("--hidden-dims", type=int_list, default=None, help="CNF widths (default: the paper's)")
-    parser.add_argument("--num-blocks", type=positive_int, default=None, help="stacked CNFs (default: the paper's)")
+    parser.add_argument("--max-beta", type=flags.positive_float, default=1.0, help="KL weight after the warm-up")
     parser.add_argument(
-        "--max-width", type=non_negative_int, default=128, help="cap on the CNF widths (0: none, the paper)"
+        "--patience", type=flags.positive_int, default=35, help="epochs without improvement before stopping"
     )
-    parser.add_argument("--max-rank", type=non_negative_int, default=8, help="cap on the rank (0: none, the paper)")
+    parser.add_argument("--z-dim", type=flags.positive_int, default=64, help="latent dimension")
+    parser.add_argument(
+        "--rank", type=flags.positive_int, default=None, help="of the amortized weights (default: the paper's)"
+    )
+    parser.add_argument("--hidden-dims", type=flags.int_list, default=None, help="CNF widths (default: the paper's)")
+    parser.add_argument(
+        "--num-blocks", type=flags.positive_int, default=None, help="stacked CNFs (default: the paper's)"
+    )
+    parser.add_argument(
+        "--max-width", type=flags.non_negative_int, default=128, help="cap on the CNF widths (0: none, the paper)"
+    )
+    parser.add_argument(
+        "--max-rank", type=flags.non_negative_int, default=8, help="cap on the rank (0: none, the paper)"
+    )
     parser.add_argument("--layer", default="concat", help="time conditioning of the CNF layers (the paper's)")
     parser.add_argument("--activation", default="tanh", help="of the CNF layers")
-    parser.add_argument("--T", type=positive_float, default=0.5, help="integration time (the paper's)")
+    parser.add_argument("--T", type=flags.positive_float, default=0.5, help="integration time (the paper's)")
     parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=False, help="learn T")
     parser.add_argument("--noise", choices=["rademacher", "gaussian"], default="rademacher", help="Hutchinson noise")
-    add_solver_args(parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=1000)
-    parser.add_argument("--iaf-layers", type=positive_int, default=4, help="IAF baseline: flows (Sylvester's default)")
-    parser.add_argument("--iaf-hidden", type=positive_int, default=320, help="IAF baseline: MADE width (Sylvester's)")
+    flags.add_solver_args(parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=1000)
     parser.add_argument(
-        "--is-samples", type=positive_int, default=None, help="K of the IS NLL (default: 5000 on GPU, 5 on CPU)"
+        "--iaf-layers", type=flags.positive_int, default=4, help="IAF baseline: flows (Sylvester's default)"
     )
-    parser.add_argument("--eval-batch-size", type=positive_int, default=100, help="test images per evaluation batch")
+    parser.add_argument(
+        "--iaf-hidden", type=flags.positive_int, default=320, help="IAF baseline: MADE width (Sylvester's)"
+    )
+    parser.add_argument(
+        "--is-samples", type=flags.positive_int, default=None, help="K of the IS NLL (default: 5000 on GPU, 5 on CPU)"
+    )
+    parser.add_argument(
+        "--eval-batch-size", type=flags.positive_int, default=100, help="test images per evaluation batch"
+    )
     parser.add_argument(
         "--is-chunk",
-        type=positive_int,
+        type=flags.positive_int,
         default=None,
         help="latents evaluated at once (default: 5000 on GPU, 500 on CPU)",
     )

@@ -249,10 +249,13 @@ class Trainer:
     acts at once. Only rank 0 (``writer``) writes.
     """
 
-    def __init__(self, path: Path, module: torch.nn.Module, optimizer, saved: dict | None, writer: bool = True):
+    def __init__(self, path: Path, module: torch.nn.Module, optimizer, state: dict, resume: bool, writer: bool = True):
+        """Starts from ``state`` at step 0, or with ``resume`` from the checkpoint at ``path``."""
         self.path, self.module, self.optimizer, self.writer = path, module, optimizer, writer
+        saved = load_checkpoint(path, module, optimizer) if resume else {"step": 0, "state": state, "optimizer": {}}
+        self.start, self.state = saved["step"], saved["state"]
         # states set by ``PyroOptim.set_state`` are reported by ``get_state`` only once their parameters step
-        self.optimizer_state = {} if saved is None else saved["optimizer"]
+        self.optimizer_state = saved["optimizer"]
         self.signum: int | None = None
 
     def save(self, step: int, state: dict[str, Any]) -> None:
@@ -272,11 +275,12 @@ class Trainer:
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
-    def run(self, state, start: int, num_steps: int, train_step, report, checkpoint_due) -> dict[str, Any]:
-        """Runs ``loss = train_step(step, state)`` then ``report(step, loss, state)`` for steps ``start`` to
+    def run(self, num_steps: int, train_step, report, checkpoint_due) -> dict[str, Any]:
+        """Runs ``loss = train_step(step, state)`` then ``report(step, loss, state)`` for steps :attr:`start` to
         ``num_steps`` or until ``state["stopped"]``; checkpoints when ``checkpoint_due(step + 1)`` and at the end.
         ``state["seconds"]`` accumulates the training time over resumes; the rows of ``state["log"]`` go to
         ``log.csv`` beside the checkpoint as they come (a resumed run rewrites it from the checkpoint's rows)."""
+        state = self.state
         log, logged = self.path.with_name("log.csv"), len(state["log"])
         if self.writer:
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +288,7 @@ class Trainer:
                 write_csv(log, state["log"])
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            started, step = time.time() - state["seconds"], start
+            started, step = time.time() - state["seconds"], self.start
             while step < num_steps and not state["stopped"]:
                 try:
                     loss = train_step(step, state)
