@@ -106,11 +106,6 @@ def guide(x: Tensor, flow: pf.MultiscaleFFJORD) -> None:
     """Nothing is latent: the ELBO is the exact log-likelihood."""
 
 
-def batch_seed(data_seed: int, step: int, procs: training.Processes) -> int:
-    """One seed per (run, step, rank): the batch, its dequantization noise and the Hutchinson noise."""
-    return (data_seed * 1_000_003 + step) * procs.world_size + procs.rank
-
-
 def training_batch(train: Tensor, size: int, seed: int, device: torch.device) -> Tensor:
     """``size`` images drawn with replacement from ``train`` and dequantized, all from ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -197,7 +192,7 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     )
 
     def train_step(step: int, state: dict) -> float:
-        seed = batch_seed(args.seed, step, procs)
+        seed = training.batch_seed(args.seed, step, procs)
         x = training_batch(train, args.batch_size, seed, device)
         torch.manual_seed(seed)  # the Hutchinson noise of this step
         if args.objective == "fm":

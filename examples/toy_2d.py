@@ -155,8 +155,7 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     )
 
     def train_step(step: int, state: dict) -> float:
-        seed = (args.seed * 1_000_003 + step) * procs.world_size + procs.rank
-        x = sample_toy(args.data, args.batch_size, seed=seed).float().to(device)
+        x = sample_toy(args.data, args.batch_size, seed=training.batch_seed(args.seed, step, procs)).float().to(device)
         if flags.flow_matching_now(args, step, args.num_steps):
             loss = training.flow_matching_step(flow.parts[0], x, scheduler, args)
         else:

@@ -295,8 +295,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     num_steps = args.num_epochs * steps_per_epoch
     checkpoint = run_dir / "checkpoint.pt"
     pyro.module("vae", vae)
-    # with --posterior all, a posterior that had not started when the run stopped has no checkpoint: it starts afresh
-    resume = args.resume and (checkpoint.is_file() or args.posterior != "all" or name == POSTERIORS[0])
+    resume = training.resuming(args, checkpoint, later_model=args.posterior == "all" and name != POSTERIORS[0])
     trainer = training.Trainer(checkpoint, vae, optimizer, training.early_stopping_state(vae), resume, procs.rank == 0)
     if not resume:  # the -ELBO of the initialization, the baseline any training must beat; kept in the checkpoints
         trainer.state["untrained_neg_elbo"] = test_metrics(1)["neg_elbo"]
@@ -307,7 +306,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
 
     def train_step(step: int, state: dict[str, Any]) -> float:
         vae.train()
-        batch = training.train_batches(len(train), args.batch_size, args.seed, step * procs.world_size + procs.rank)
+        batch = training.train_batches(len(train), args.batch_size, args.seed, step, procs)
         x = train[batch.to(procs.device)]
         if data.dynamic_binarization:
             x = torch.bernoulli(x)

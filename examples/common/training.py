@@ -76,19 +76,31 @@ def flow_matching_step(cnf: pf.FFJORD, x: torch.Tensor, optimizer: pyro.optim.Py
     return update(loss.detach(), [p for p in cnf.parameters() if p.requires_grad], optimizer)
 
 
-def train_batches(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Row indices of the batch of ``step``: epoch-wise seeded shuffles, so a resumed run sees the same batches."""
-    epoch, i = divmod(step, max(n // batch_size, 1))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[i * batch_size : (i + 1) * batch_size]
-
-
 class Processes(NamedTuple):
     """Where this process stands in a (possibly single-process) data-parallel run; rank 0 writes the files."""
 
     rank: int
     world_size: int
     device: torch.device
+
+
+def batch_seed(seed: int, step: int, procs: Processes) -> int:
+    """One seed per (run, step, process): each process draws its own batch and noise at each step."""
+    return (seed * 1_000_003 + step) * procs.world_size + procs.rank
+
+
+def train_batches(n: int, batch_size: int, seed: int, step: int, procs: Processes) -> torch.Tensor:
+    """Row indices of this process's batch at ``step``: epoch-wise seeded shuffles (a resumed run sees the same
+    batches), the consecutive batches of a shuffle going to consecutive processes."""
+    epoch, i = divmod(step * procs.world_size + procs.rank, max(n // batch_size, 1))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[i * batch_size : (i + 1) * batch_size]
+
+
+def resuming(args: argparse.Namespace, checkpoint: Path, later_model: bool) -> bool:
+    """Whether a model resumes from ``checkpoint`` under ``--resume``: not a later model of a run of several
+    that had not started when the run stopped (it has no checkpoint yet, so it starts afresh)."""
+    return args.resume and not (later_model and not checkpoint.is_file())
 
 
 @contextlib.contextmanager
@@ -149,12 +161,17 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
-    """Writes ``rows`` (dicts with the same keys) under a header, or appends them."""
-    with open(path, "a" if append else "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if not append:
-            writer.writeheader()
-        writer.writerows(rows)
+    """Writes ``rows`` (dicts with the same keys) under a header, atomically, or appends them."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    if not append:
+        writer.writeheader()
+    writer.writerows(rows)
+    if append:
+        with open(path, "a", newline="") as f:
+            f.write(text.getvalue())
+    else:
+        atomic_write(path, text.getvalue().encode())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -245,8 +262,7 @@ class Trainer:
     seconds, early stopping...); a resumed run continues bit for bit. A step whose solve fails or whose loss
     or gradient is non-finite changes nothing (:func:`update`): the run stops with a checkpoint of the
     state before it (after its update, when its validation loss is non-finite). The first SIGINT/SIGTERM
-    ends the current step, checkpoints and exits; a second one
-    acts at once. Only rank 0 (``writer``) writes.
+    ends the current step, checkpoints and exits; a second one acts at once. Only rank 0 (``writer``) writes.
     """
 
     def __init__(self, path: Path, module: torch.nn.Module, optimizer, state: dict, resume: bool, writer: bool = True):
@@ -258,11 +274,11 @@ class Trainer:
         self.optimizer_state = saved["optimizer"]
         self.signum: int | None = None
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
+    def save(self, step: int) -> None:
         if self.writer:
             self.optimizer_state = {**self.optimizer_state, **self.optimizer.get_state()}
             checkpoint = {"step": step, "module": self.module.state_dict(), "optimizer": self.optimizer_state,
-                          "rng": _rng_state(), "state": state}  # fmt: skip
+                          "rng": _rng_state(), "state": self.state}  # fmt: skip
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             atomic_write(self.path, buffer.getvalue())
@@ -296,7 +312,7 @@ class Trainer:
                     fault = _fault(error)
                     if fault is None:
                         raise
-                    self.save(step, state)
+                    self.save(step)
                     raise SystemExit(
                         f"error: training stopped at step {step}: {type(fault).__name__}: {fault}. The last finite "
                         f"state is saved in {self.path}; try a smaller --lr, a larger --max-num-steps or looser "
@@ -309,7 +325,7 @@ class Trainer:
                     logged = len(state["log"])
                 step += 1
                 if checkpoint_due(step) or step == num_steps or state["stopped"] or self.signum is not None:
-                    self.save(step, state)
+                    self.save(step)
                 if self.signum is not None:
                     print(f"stopped after step {step - 1}; resume with: {resume_command()}", file=sys.stderr)
                     raise SystemExit(128 + self.signum)
