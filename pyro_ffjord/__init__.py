@@ -6,6 +6,7 @@ from .flow_matching import flow_matching_loss, ot_coupling
 from .multiscale import MultiscaleFFJORD, bits_per_dim, dequantize
 from .nets import AmortizedLowRankODENet, ODENet
 from .scaling import standardization
+from .settings import SolverSettings
 from .solve import ODESolveError
 from .transforms import (
     FFJORD,
@@ -32,6 +33,7 @@ __all__ = [
     "MultiscaleFFJORD",
     "ODENet",
     "ODESolveError",
+    "SolverSettings",
     "UNet",
     "amortized_ffjord",
     "bits_per_dim",

@@ -153,13 +153,12 @@ class AutoFFJORD(AutoNormalizingFlow):
         """Samples the packed latent; under inference, adds the RNODE penalty of its solve as a guide factor."""
         blocks = self.transform.parts  # read once: every read registers the CNFs' parameters with Pyro again
         posterior = dist.TransformedDistribution(self.get_base_dist(), self._posterior_transform(blocks, False))
-        flows = [block.flow for block in blocks]
-        solves = [flow._last_solve for flow in flows]
+        before = [block.solutions for block in blocks]
         latent = pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
         # A replayed or conditioned latent is not solved here: the last penalty would belong to another sample.
-        solved = all(flow._last_solve is not solve for flow, solve in zip(flows, solves))
-        if solved and am_i_wrapped() and torch.is_grad_enabled() and any(flow.regularization for flow in flows):
+        solved = all(block.solutions is not old for block, old in zip(blocks, before))
+        if solved and am_i_wrapped() and torch.is_grad_enabled() and any(block.flow.regularization for block in blocks):
             # A guide's log-density is subtracted from the ELBO, so +penalty here is +penalty in the loss.
-            penalty = sum(flow.regularization_loss() for flow in flows)
+            penalty = sum(block.regularization_loss() for block in blocks)
             pyro.factor(f"_{self._pyro_name}_regularization", penalty, has_rsample=True)
         return latent

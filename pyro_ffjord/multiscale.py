@@ -24,9 +24,9 @@ from torch.distributions import Transform
 from torch.nn import functional as F
 
 from ._checks import check_choice, check_int
-from .dynamics import NFE, ContinuousFlow
+from .dynamics import ContinuousFlow, Solution
 from .nets import _ACTIVATION_JVPS, ACTIVATIONS, _check_time, _fold_gate_and_shift
-from .transforms import _check_option_names, _check_tensor, _CNFTransform
+from .transforms import _check_tensor, _CNFTransform
 
 
 class ConcatConv2d(nn.Module):
@@ -305,7 +305,6 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         if isinstance(hidden_channels, int) and not isinstance(hidden_channels, bool):
             hidden_channels = (hidden_channels,) * 3
         hidden_channels = _positive_ints("hidden_channels", hidden_channels)
-        _check_option_names(options)
         self.input_shape = (c, h, w)
         self.logit = LogitTransform(alpha)
         self.codomain = self.logit.domain  # the support of the images: [0, 1], up to the logit's margin
@@ -340,38 +339,41 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         return [*self.parameters(), *self.buffers()]
 
     @staticmethod
-    def _integrate(flows: Sequence[ContinuousFlow], h: Tensor, logdet: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+    def _integrate(
+        flows: Sequence[ContinuousFlow], h: Tensor, logdet: Tensor, reverse: bool, solutions: list[Solution]
+    ) -> tuple[Tensor, Tensor]:
         for flow in reversed(flows) if reverse else flows:
-            flat, delta = flow(h.flatten(1), reverse=reverse)
-            h, logdet = flat.reshape(h.shape), logdet + delta
+            solution = flow(h.flatten(1), reverse=reverse)
+            solutions.append(solution)
+            h, logdet = solution.y.reshape(h.shape), logdet + solution.logdet
         return h, logdet
 
-    def _to_base(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _to_base(self, x: Tensor, solutions: list[Solution]) -> tuple[Tensor, Tensor]:
         h = self.logit(x)
         logdet = self.logit.log_abs_det_jacobian(x, h)
         parts = []
         for scale, blocks in enumerate(self.pre):
-            h, logdet = self._integrate(blocks, h, logdet, reverse=False)
+            h, logdet = self._integrate(blocks, h, logdet, False, solutions)
             if scale < len(self.post):
-                h, logdet = self._integrate(self.post[scale], self.squeeze(h), logdet, reverse=False)
+                h, logdet = self._integrate(self.post[scale], self.squeeze(h), logdet, False, solutions)
                 h, out = h.chunk(2, dim=1)
                 parts.append(out.flatten(1))
         return torch.cat([*parts, h.flatten(1)], dim=1), logdet
 
-    def _to_data(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _to_data(self, z: Tensor, solutions: list[Solution]) -> tuple[Tensor, Tensor]:
         parts = z.split([math.prod(shape) for shape in self.out_shapes], dim=1)
         h = parts[-1].reshape(-1, *self.out_shapes[-1])
         logdet = z.new_zeros(z.shape[0])
         for scale in reversed(range(len(self.pre))):
             if scale < len(self.post):
                 h = torch.cat([h, parts[scale].reshape(-1, *self.out_shapes[scale])], dim=1)
-                h, logdet = self._integrate(self.post[scale], h, logdet, reverse=True)
+                h, logdet = self._integrate(self.post[scale], h, logdet, True, solutions)
                 h = self.squeeze.inv(h)
-            h, logdet = self._integrate(self.pre[scale], h, logdet, reverse=True)
+            h, logdet = self._integrate(self.pre[scale], h, logdet, True, solutions)
         x = self.logit.inv(h)
         return x, logdet - self.logit.log_abs_det_jacobian(x, h)
 
-    def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor]:
+    def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor, tuple[Solution, ...]]:
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.dim() < 3 or tuple(value.shape[-3:]) != self.input_shape:
@@ -384,24 +386,15 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         batch = value.shape[:-3]
         flat = value.reshape(-1, *self.input_shape)
         if flat.shape[0] == 0:
-            return value.clone(), value.new_zeros(batch)
-        out, logdet = self._to_data(flat.flatten(1)) if reverse else self._to_base(flat)
-        return out.reshape(value.shape), logdet.reshape(batch)
-
-    @property
-    def nfe(self) -> NFE:
-        """Function evaluations of the last solve, summed over the blocks."""
-        counts = [f.nfe for f in self.flows]
-        return NFE(sum(n.forward for n in counts), sum(n.backward for n in counts))
+            return value.clone(), value.new_zeros(batch), ()
+        solutions: list[Solution] = []
+        out, logdet = self._to_data(flat.flatten(1), solutions) if reverse else self._to_base(flat, solutions)
+        return out.reshape(value.shape), logdet.reshape(batch), tuple(solutions)
 
     @property
     def T(self) -> Tensor:
         """The integration time of each block, data to base."""
         return torch.stack([f.T for f in self.flows])
-
-    def regularization_loss(self) -> Tensor:
-        """RNODE penalty of the last solve, summed over the blocks."""
-        return torch.stack([f.regularization_loss() for f in self.flows]).sum()
 
 
 def dequantize(images: Tensor, num_bins: int = 256, generator: torch.Generator | None = None) -> Tensor:

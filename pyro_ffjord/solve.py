@@ -1,35 +1,13 @@
-"""The one place that calls torchdiffeq: option checks, step budget and solver errors."""
+"""The one place that calls torchdiffeq (its public API), and the lean fixed-grid solve beside it."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
-from torchdiffeq._impl.fixed_adams import _MAX_ITERS, AdamsBashforth, AdamsBashforthMoulton
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
-from torchdiffeq._impl.solvers import FixedGridODESolver
-
-from ._checks import check_int
-
-# Function evaluations per step of the fixed-grid Runge-Kutta solvers: f(t0, y0), then one per further
-# stage (torchdiffeq's fixed_grid.py; rk4 is rk_common.rk4_alt_step_func). Adaptive ones read their tableau.
-_FIXED_GRID_STAGES = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
-# Evaluations after f(t0, y0) of the rk4 step that the Adams solvers take until they have enough history.
-_ADAMS_STARTUP_EVALS = 3
-# Evaluations an adaptive solver spends choosing its first step.
-_INITIAL_STEP_EVALS = 2
-# Arguments of the solvers' constructors that are not user options.
-_NOT_OPTIONS = {"self", "func", "y0", "rtol", "atol", "dtype"}
-# Arguments a solver class passes to its base class itself, so that a user value would clash.
-_SET_BY_SOLVER = {AdamsBashforth: {"implicit"}}
-# Options in units of the solver's time (torchdiffeq 0.2.5's constructors): step lengths, and lists of times.
-TIME_STEP_OPTIONS = ("step_size", "first_step", "min_step", "max_step")
-TIME_POINT_OPTIONS = ("step_t", "jump_t")
 
 
 class ODESolveError(ValueError, RuntimeError):
@@ -38,98 +16,6 @@ class ODESolveError(ValueError, RuntimeError):
     Derives from both ``ValueError`` (the configuration cannot solve this input) and
     ``RuntimeError`` (the failure happened while running), so either ``except`` catches it.
     """
-
-
-def is_fixed_grid(method: str) -> bool:
-    """Whether ``method`` is a torchdiffeq fixed-grid solver (which needs a ``step_size``)."""
-    return issubclass(SOLVERS[method], FixedGridODESolver)
-
-
-def allowed_options(method: str) -> set[str]:
-    """Option names that torchdiffeq's ``method`` accepts, read off its constructors."""
-    names, fixed = {"norm"}, set()
-    for cls in SOLVERS[method].__mro__:
-        fixed |= _SET_BY_SOLVER.get(cls, set())
-        init = cls.__dict__.get("__init__")
-        if init is not None:
-            # *args and **kwargs (object's, or those forwarded to a base class) name no option
-            names.update(
-                name
-                for name, parameter in inspect.signature(init).parameters.items()
-                if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-            )
-    return names - _NOT_OPTIONS - fixed
-
-
-def check_solver_options(method: str, rtol: float, atol: float, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validates the torchdiffeq options and returns a copy of ``options``.
-
-    Raises:
-        ValueError: unknown ``method`` or option names, non-positive tolerances, or a fixed-grid
-            method without ``options={"step_size": ...}``.
-    """
-    if not isinstance(method, str) or method not in SOLVERS or method == "scipy_solver":
-        allowed = sorted(set(SOLVERS) - {"scipy_solver"})
-        raise ValueError(f"method must be one of {allowed}, got {method!r}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if options is None:
-        options = {}
-    if not isinstance(options, Mapping):
-        raise TypeError(f"options must be a dict of torchdiffeq options, got {type(options).__name__}")
-    unknown = set(options) - allowed_options(method)
-    if unknown:
-        raise ValueError(
-            f"options has names {sorted(unknown)} unknown to method {method!r}; "
-            f"allowed: {sorted(allowed_options(method))}"
-        )
-    if is_fixed_grid(method):
-        step_size = options.get("step_size")
-        if step_size is None and options.get("grid_constructor") is None:
-            raise ValueError(f"fixed-grid method {method!r} needs options={{'step_size': h}} with h > 0")
-        if step_size is not None and (
-            isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < float("inf")
-        ):
-            raise ValueError(f"options['step_size'] must be a positive finite number, got {step_size!r}")
-    check_int("options['max_iters']", options.get("max_iters", _MAX_ITERS))  # bounds the step budget
-    options = dict(options)
-    for name in TIME_POINT_OPTIONS:
-        if options.get(name) is not None:  # torchdiffeq negates these for a backward solve only if tensors
-            options[name] = torch.as_tensor(options[name], dtype=torch.float64)
-    return options
-
-
-def evals_per_step(method: str, options: Mapping[str, Any] | None = None) -> int:
-    """Most function evaluations one step of ``method`` costs (rejected adaptive steps included).
-
-    An Adams step evaluates :math:`f(t_0, y_0)`, then either finishes an rk4 step (while its history is
-    short) or, implicit, runs up to ``options["max_iters"]`` Adams-Moulton corrector evaluations.
-    """
-    solver = SOLVERS[method]
-    if issubclass(solver, RKAdaptiveStepsizeODESolver):
-        return len(solver.tableau.alpha)
-    if issubclass(solver, AdamsBashforthMoulton):
-        options = options or {}
-        implicit = not issubclass(solver, AdamsBashforth) and options.get("implicit", True)
-        corrector = options.get("max_iters", _MAX_ITERS) if implicit else 0
-        return 1 + max(_ADAMS_STARTUP_EVALS, corrector)
-    if method not in _FIXED_GRID_STAGES:
-        raise ValueError(f"method {method!r} has no known number of evaluations per step, so no step budget")
-    return _FIXED_GRID_STAGES[method]
-
-
-def nfe_budget(method: str, max_num_steps: int, options: Mapping[str, Any] | None = None) -> int:
-    """Largest number of function evaluations a solve of ``max_num_steps`` steps may use.
-
-    Besides its steps, an adaptive solve evaluates ``f`` to choose its first step, and a fixed-grid one
-    with ``interp="cubic"`` once more at the end time.
-    """
-    if not is_fixed_grid(method):
-        extra = _INITIAL_STEP_EVALS
-    else:
-        extra = int((options or {}).get("interp") == "cubic")
-    return max_num_steps * evals_per_step(method, options) + extra
 
 
 # Butcher tableaus (nodes, stage coefficients, weights) of the fixed-grid solvers that run without torchdiffeq:
@@ -187,7 +73,7 @@ def integrate_fixed_grid(
     return state
 
 
-def step_size_grid(num_steps: int, step_size: float) -> Callable[[Any, Tensor, Tensor], Tensor]:
+def step_grid(num_steps: int, step_size: float) -> Callable[[Any, Tensor, Tensor], Tensor]:
     """A torchdiffeq ``grid_constructor``: ``num_steps`` steps of ``step_size`` from ``t[0]``, the last one ending
     at ``t[-1]``.
 
@@ -204,33 +90,6 @@ def step_size_grid(num_steps: int, step_size: float) -> Callable[[Any, Tensor, T
         return grid
 
     return grid_constructor
-
-
-def check_rescalable(options: Mapping[str, Any]) -> None:
-    """Checks that every time-valued option can be converted to the rescaled time :math:`s = t / T`.
-
-    Raises:
-        ValueError: ``options["grid_constructor"]`` is set: a callable's grid in units of ``t`` cannot be rescaled.
-    """
-    if options.get("grid_constructor") is not None:
-        raise ValueError(
-            "options['grid_constructor'] builds a grid in units of t, which a learned T (train_T=True) "
-            "cannot rescale; use options['step_size'] or a fixed T"
-        )
-
-
-def time_options_in_units_of_s(options: Mapping[str, Any], T: float) -> dict[str, Any]:
-    """Converts the time-valued ``options`` from units of ``t`` to units of :math:`s = t / T`.
-
-    Raises:
-        ValueError: see :func:`check_rescalable`.
-    """
-    check_rescalable(options)
-    converted = dict(options)
-    for name in TIME_STEP_OPTIONS + TIME_POINT_OPTIONS:
-        if converted.get(name) is not None:
-            converted[name] = converted[name] / T
-    return converted
 
 
 def integrate(
@@ -250,7 +109,11 @@ def integrate(
 
     With ``adjoint`` the gradients come from the adjoint ODE (Chen et al., 2018) with respect to
     the initial state and every tensor in ``adjoint_params``; otherwise autograd backpropagates
-    through the solver's operations.
+    through the solver's operations. ``options["max_num_steps"]`` bounds the forward solve only: the
+    adjoint backward solve is bounded by ``func``.
+
+    Raises:
+        ODESolveError: the solver gave up (a vanishing step, or more than ``max_num_steps`` steps).
 
     Returns:
         The state at the final time.
@@ -259,9 +122,12 @@ def integrate(
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=dict(options))
     try:
         if adjoint and torch.is_grad_enabled():
-            solution = odeint_adjoint(func, state, s, adjoint_params=tuple(adjoint_params), **kwargs)
+            backward = {k: v for k, v in options.items() if k not in ("norm", "max_num_steps")}
+            solution = odeint_adjoint(
+                func, state, s, adjoint_params=tuple(adjoint_params), adjoint_options=backward, **kwargs
+            )
         else:
             solution = odeint(func, state, s, **kwargs)
-    except AssertionError as error:  # torchdiffeq reports a vanishing step with an assert
-        raise ODESolveError(f"{method} (rtol={rtol}, atol={atol}) failed: {error}") from error
+    except AssertionError as error:  # torchdiffeq reports a vanishing step or its step limit with an assert
+        raise ODESolveError(str(error)) from error
     return tuple(component[-1] for component in solution)

@@ -16,7 +16,6 @@ context), so an in-place change of the input, an optimizer step, a ``load_state_
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -29,18 +28,8 @@ from torch import Tensor
 from torch.distributions import Transform
 
 from ._checks import check_int
-from .dynamics import NFE, SOLVER_SETTINGS, ContinuousFlow
+from .dynamics import NFE, ContinuousFlow, Solution
 from .nets import AmortizedLowRankODENet, ODENet
-
-_OPTION_NAMES = tuple(
-    name for name, p in inspect.signature(ContinuousFlow).parameters.items() if p.kind is p.KEYWORD_ONLY
-)
-
-
-def _check_option_names(options: dict[str, Any]) -> None:
-    unknown = set(options) - set(_OPTION_NAMES)
-    if unknown:
-        raise TypeError(f"unknown FFJORD options {sorted(unknown)}; allowed: {list(_OPTION_NAMES)}")
 
 
 def _check_tensor(name: str, value: object, size: int, like: Tensor) -> Tensor:
@@ -94,6 +83,7 @@ class _TensorState:
 
 class _SolveRecord(NamedTuple):
     log_abs_det: Tensor  # log|det d data / d base|
+    solutions: tuple[Solution, ...]  # what each CNF's solve returned
     settings: tuple  # grad mode and solver settings of the solve
     state: _TensorState  # base, data, then the tensors of _CNFTransform._read
 
@@ -129,11 +119,11 @@ class _CNFTransform:
         return [*f.parameters(), *f.buffers(), *(() if self._context is None else (self._context,))]
 
     def _settings(self) -> tuple:
-        settings = tuple(repr(getattr(f, name)) for f in self._flows() for name in SOLVER_SETTINGS)
-        return torch.is_grad_enabled(), self._exact, settings
+        return torch.is_grad_enabled(), self._exact, tuple(f.settings for f in self._flows())
 
-    def _record_solve(self, base: Tensor, data: Tensor, log_abs_det: Tensor) -> _SolveRecord:
-        self._record = _SolveRecord(log_abs_det, self._settings(), _TensorState((base, data, *self._read())))
+    def _record_solve(self, base: Tensor, data: Tensor, log_abs_det: Tensor, solutions: tuple) -> _SolveRecord:
+        state = _TensorState((base, data, *self._read()))
+        self._record = _SolveRecord(log_abs_det, solutions, self._settings(), state)
         return self._record
 
     def _lookup(self, base: Tensor | None = None, data: Tensor | None = None) -> _SolveRecord | None:
@@ -143,27 +133,28 @@ class _CNFTransform:
         now = (record.base if base is None else base, record.data if data is None else data, *self._read())
         return record if record.state.unchanged(now) else None
 
-    def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor]:
+    def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor, tuple[Solution, ...]]:
+        """The flowed ``value``, the log-determinant and the solutions of the CNFs that ran."""
         flow = self._flow
         value = _check_tensor(name, value, flow.input_dim, flow.log_T)
         batch, flat, context = _flatten_batch(name, value, self._context)
         if flat.shape[0] == 0:
-            out, logdet = flat.clone(), flat.new_zeros(0)
-        else:
-            out, logdet = flow(flat, context, reverse=reverse, exact=self._exact)
-        return out.reshape(batch + value.shape[-1:]), logdet.reshape(batch)
+            return value.clone(), value.new_zeros(batch), ()
+        solution = flow(flat, context, reverse=reverse, exact=self._exact)
+        return solution.y.reshape(batch + value.shape[-1:]), solution.logdet.reshape(batch), (solution,)
 
     def _call(self, z: Tensor) -> Tensor:
         record = self._lookup(base=z)
         if record is None:
-            record = self._record_solve(z, *self._solve(z, "z", reverse=True))
+            x, logdet, solutions = self._solve(z, "z", reverse=True)
+            record = self._record_solve(z, x, logdet, solutions)
         return record.data
 
     def _inverse(self, x: Tensor) -> Tensor:
         record = self._lookup(data=x)
         if record is None:
-            z, logdet = self._solve(x, "x", reverse=False)
-            record = self._record_solve(z, x, -logdet)
+            z, logdet, solutions = self._solve(x, "x", reverse=False)
+            record = self._record_solve(z, x, -logdet, solutions)
         return record.base
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
@@ -175,9 +166,15 @@ class _CNFTransform:
         return record.log_abs_det
 
     @property
+    def solutions(self) -> tuple[Solution, ...]:
+        """What the CNF solves of this transform's last solve returned (empty before the first)."""
+        return () if self._record is None else self._record.solutions
+
+    @property
     def nfe(self) -> NFE:
-        """Function evaluations ``(forward, backward)`` of the last solve."""
-        return self._flow.nfe
+        """Function evaluations ``(forward, backward)`` of the last solve, summed over its CNFs."""
+        counts = [solution.nfe for solution in self.solutions]
+        return NFE(sum(n.forward for n in counts), sum(n.backward for n in counts))
 
     @property
     def T(self) -> Tensor:
@@ -185,8 +182,12 @@ class _CNFTransform:
         return self._flow.T
 
     def regularization_loss(self) -> Tensor:
-        """RNODE penalty of the last solve (see :class:`~pyro_ffjord.dynamics.ContinuousFlow`)."""
-        return self._flow.regularization_loss()
+        """Weighted RNODE penalty of the last solve, averaged over its batch and summed over its CNFs (0 if none)."""
+        loss = self._flows()[0].log_T.new_zeros(())
+        for solution in self.solutions:
+            if solution.penalty is not None:
+                loss = loss + solution.penalty.mean()
+        return loss
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -232,7 +233,6 @@ class FFJORD(_CNFTransform, TransformModule):
 
     def __init__(self, net: torch.nn.Module, input_dim: int, **options: Any) -> None:
         super().__init__(cache_size=0)
-        _check_option_names(options)
         self.flow = ContinuousFlow(net, input_dim, **options)
 
     @property
@@ -292,17 +292,18 @@ class ConditionalFFJORD(ConditionalTransformModule):
     def __init__(self, net: torch.nn.Module, input_dim: int, context_dim: int, **options: Any) -> None:
         super().__init__()
         check_int("context_dim", context_dim)
-        _check_option_names(options)
         self.flow = ContinuousFlow(net, input_dim, context_dim, **options)
+        self._latest: ConditionedFFJORD | None = None
 
     def condition(self, context: Tensor) -> ConditionedFFJORD:
         """Fixes the context, shape ``(..., context_dim)``."""
-        return ConditionedFFJORD(self.flow, context)
+        self._latest = ConditionedFFJORD(self.flow, context)
+        return self._latest
 
     @property
     def nfe(self) -> NFE:
-        """Function evaluations ``(forward, backward)`` of the last solve."""
-        return self.flow.nfe
+        """Function evaluations ``(forward, backward)`` of the last solve of the last :meth:`condition`'s transform."""
+        return NFE(0, 0) if self._latest is None else self._latest.nfe
 
     @property
     def T(self) -> Tensor:
@@ -310,8 +311,11 @@ class ConditionalFFJORD(ConditionalTransformModule):
         return self.flow.T
 
     def regularization_loss(self) -> Tensor:
-        """RNODE penalty of the last solve."""
-        return self.flow.regularization_loss()
+        """RNODE penalty of the last solve of the last :meth:`condition`'s transform."""
+        return self.flow.log_T.new_zeros(()) if self._latest is None else self._latest.regularization_loss()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_latest": None}  # a copy holds no context of the original's
 
 
 class AmortizedFFJORD(ConditionalFFJORD):
@@ -418,9 +422,9 @@ def solver_settings(module: torch.nn.Module, **settings: Any) -> Iterator[None]:
     Example:
         >>> t = ffjord(2, hidden_dims=(8,), method="rk4", options={"step_size": 0.25})
         >>> with solver_settings(t, method="dopri5", options=None, divergence="exact"):
-        ...     t.flow.method
+        ...     t.flow.settings.method
         'dopri5'
-        >>> t.flow.method
+        >>> t.flow.settings.method
         'rk4'
     """
     if not isinstance(module, torch.nn.Module):
@@ -430,11 +434,12 @@ def solver_settings(module: torch.nn.Module, **settings: Any) -> Iterator[None]:
         raise ValueError(
             f"module {type(module).__name__} contains no CNF (an autoguide creates its CNFs on its first call)"
         )
-    previous = []
+    previous = [flow.settings for flow in flows]
+    changed = [old.replace(**settings) for old in previous]  # all checked before any is changed
     try:
-        for flow in flows:
-            previous.append((flow, flow.set_solver(**settings)))
+        for flow, new in zip(flows, changed):
+            flow.settings = new
         yield
     finally:
-        for flow, old in previous:
-            flow.set_solver(**old)
+        for flow, old in zip(flows, previous):
+            flow.settings = old

@@ -637,9 +637,9 @@ def test_num_transforms_and_options(num_transforms):
     blocks = list(guide.transform)
     assert len(blocks) == num_transforms
     for block in blocks:
-        assert block.flow.method == "euler"
-        assert block.flow.divergence == "exact"
-        assert block.flow.adjoint is False
+        assert block.flow.settings.method == "euler"
+        assert block.flow.settings.divergence == "exact"
+        assert block.flow.settings.adjoint is False
         assert block.T.item() == pytest.approx(0.5)
     # euler with step 0.5 on T=0.5: one step, one evaluation per block
     guide.get_posterior().rsample()

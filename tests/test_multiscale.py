@@ -125,8 +125,8 @@ def test_one_solve_per_block_and_no_stale_cache(monkeypatch):
 def test_solver_settings_and_regularization_reach_every_block():
     t = multiscale(**FAST, regularization={"kinetic": 0.1, "jacobian": 0.1})
     with pf.solver_settings(t, method="dopri5", options=None):
-        assert all(f.method == "dopri5" for f in t.flows)
-    assert all(f.method == "rk4" for f in t.flows)
+        assert all(f.settings.method == "dopri5" for f in t.flows)
+    assert all(f.settings.method == "rk4" for f in t.flows)
     t.inv(images(2))
     assert t.regularization_loss() > 0
     assert t.nfe.forward == 3 * 8

@@ -59,7 +59,7 @@ def test_toy_budget_fault_stops_with_a_clear_message_and_a_good_checkpoint(tmp_p
     result = run_example("toy_2d.py", [*TOY, *BUDGET_FAULT, "--out", str(tmp_path)])
     assert result.returncode == 1
     message = error_paragraph(result.stderr)
-    for part in ("at step 0", "ODESolveError", "step budget", "method='dopri5'", "rtol=", "T=0.5", "nfe="):
+    for part in ("at step 0", "ODESolveError", "max_num_steps exceeded", "method='dopri5'", "rtol=", "T=0.5", "nfe="):
         assert part in message
     assert "--max-num-steps" in message and "--resume" in message and str(tmp_path) in message
     state = load_finite_checkpoint(tmp_path / "checkpoint.pt")

@@ -1,16 +1,19 @@
 """torchdiffeq options: step budgets per solver, allowed names, units of time under a learned T, net output shapes."""
 
+import inspect
+
 import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
 from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.solvers import FixedGridODESolver
 
 import pyro_ffjord as pf
-from pyro_ffjord.solve import TIME_POINT_OPTIONS, TIME_STEP_OPTIONS, allowed_options, is_fixed_grid
+from pyro_ffjord.settings import ADAPTIVE_STAGES, METHOD_OPTIONS, TIME_POINT_OPTIONS, TIME_STEP_OPTIONS, SolverSettings
 
 METHODS = sorted(set(SOLVERS) - {"scipy_solver"})
-FIXED_GRID = [method for method in METHODS if is_fixed_grid(method)]
+FIXED_GRID = [method for method in METHODS if issubclass(SOLVERS[method], FixedGridODESolver)]
 # Every option each torchdiffeq 0.2.5 solver takes, by whether it is a time (converted under a learned T).
 UNITLESS_OPTIONS = {"norm", "safety", "ifactor", "dfactor", "max_num_steps", "interp", "perturb"}
 UNITLESS_OPTIONS |= {"implicit", "max_iters", "max_order"}
@@ -26,6 +29,30 @@ def _run(t, x: torch.Tensor) -> None:
 
 def test_every_fixed_grid_method_is_covered():
     assert set(RUNGE_KUTTA_GRID) | {"explicit_adams", "implicit_adams", "fixed_adams"} == set(FIXED_GRID)
+    assert FIXED_GRID == [method for method in METHODS if method not in ADAPTIVE_STAGES]
+    assert all(SolverSettings(method=method, options={"step_size": 1}).fixed_grid for method in FIXED_GRID)
+
+
+def _constructor_keywords(method: str) -> set[str]:
+    """The keywords of a torchdiffeq solver's constructors, less those that are not user options."""
+    names = {"norm"}
+    for cls in SOLVERS[method].__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            names |= {n for n, p in inspect.signature(init).parameters.items() if p.kind not in kinds}
+    return names - {"self", "func", "y0", "rtol", "atol", "dtype"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_option_table_matches_torchdiffeq(method):
+    """The static table of option names is what the installed torchdiffeq's constructors take (``max_num_steps``
+    is a setting of its own; explicit_adams sets ``implicit`` itself)."""
+    expected = _constructor_keywords(method) - {"max_num_steps"}
+    if method == "explicit_adams":
+        expected -= {"implicit"}
+    assert set(METHOD_OPTIONS) == set(METHODS)
+    assert METHOD_OPTIONS[method] == expected
 
 
 @pytest.mark.filterwarnings("ignore:Functional iteration did not converge")
@@ -42,8 +69,8 @@ def test_fixed_grid_runs_within_its_number_of_steps(method):
 
 @pytest.mark.filterwarnings("ignore:Functional iteration did not converge")
 @pytest.mark.parametrize("method", FIXED_GRID)
-def test_grid_constructor_budget_is_evaluations_per_step(method):
-    """Without the step count checked up front, the budget itself must admit any grid of max_num_steps steps."""
+def test_grid_constructor_budget_is_its_number_of_steps(method):
+    """A user's grid is checked against max_num_steps when torchdiffeq builds it, forward and backward."""
 
     def grid(func, y0, t):
         return torch.linspace(float(t[0]), float(t[-1]), 5, dtype=t.dtype)
@@ -51,10 +78,9 @@ def test_grid_constructor_budget_is_evaluations_per_step(method):
     torch.manual_seed(0)
     t = pf.ffjord(2, hidden_dims=(8,), method=method, options={"grid_constructor": grid}, max_num_steps=4)
     _run(t, torch.randn(5, 2))
-    if method in RUNGE_KUTTA_GRID:
-        t.flow.set_solver(max_num_steps=3)
-        with pytest.raises(pf.ODESolveError, match="step budget"):
-            t.inv(torch.randn(5, 2))
+    t.flow.settings = t.flow.settings.replace(max_num_steps=3)
+    with pytest.raises(pf.ODESolveError, match="forward solve needs 4 steps, more than its step budget"):
+        t.inv(torch.randn(5, 2))
 
 
 class Stiff(nn.Module):
@@ -89,7 +115,7 @@ def test_bad_max_iters(max_iters):
 def test_step_count_ignores_the_rounding_of_T(method, per_step, train_T):
     """0.6 / 0.1 is 6 steps although T = exp(log 0.6) in float32 is a little more than 0.6."""
     t = pf.ffjord(2, hidden_dims=(8,), T=0.6, train_T=train_T, method=method, options={"step_size": 0.1})
-    t.flow.set_solver(max_num_steps=6)
+    t.flow.settings = t.flow.settings.replace(max_num_steps=6)
     with torch.no_grad():
         t.inv(torch.randn(5, 2))
     assert t.nfe.forward == 6 * per_step
@@ -97,7 +123,7 @@ def test_step_count_ignores_the_rounding_of_T(method, per_step, train_T):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_allowed_options_are_named_options(method):
-    names = allowed_options(method)
+    names = METHOD_OPTIONS[method]
     assert not names & {"args", "kwargs", "unused_kwargs", "self"}
     assert names <= set(TIME_STEP_OPTIONS) | set(TIME_POINT_OPTIONS) | UNITLESS_OPTIONS | {"grid_constructor"}
 
@@ -149,9 +175,9 @@ def test_grid_constructor_needs_a_fixed_T():
         pf.ffjord(2, train_T=True, method="euler", options=options)
     t = pf.ffjord(2, train_T=True, method="euler", options={"step_size": 0.25})
     with pytest.raises(ValueError, match="grid_constructor"):
-        t.flow.set_solver(options=options)
+        t.flow.settings = t.flow.settings.replace(options=options)
     t.flow.log_T.requires_grad_(False)  # a frozen T is integrated over [0, T] as it is
-    t.flow.set_solver(options=options)
+    t.flow.settings = t.flow.settings.replace(options=options)
     with torch.no_grad():
         t.inv(torch.randn(5, 2))
     assert t.nfe.forward == 4
@@ -201,6 +227,6 @@ def test_net_output_shape_is_checked(divergence, grad):
 
 
 def test_options_a_solver_sets_itself_are_not_options():
-    assert "implicit" in allowed_options("implicit_adams") and "implicit" not in allowed_options("explicit_adams")
+    assert "implicit" in METHOD_OPTIONS["implicit_adams"] and "implicit" not in METHOD_OPTIONS["explicit_adams"]
     with pytest.raises(ValueError, match=r"options has names \['implicit'\] unknown to method 'explicit_adams'"):
         pf.ffjord(2, method="explicit_adams", options={"step_size": 0.25, "implicit": True})

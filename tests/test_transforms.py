@@ -110,7 +110,7 @@ def test_adjoint_gradients_match_backprop(float64, kind, divergence):
     ct = make_conditional(kind, 2, (4,), divergence=divergence, train_T=True, **TIGHT)
     grads = []
     for adjoint in (True, False):
-        ct.flow.adjoint = adjoint
+        ct.flow.settings = ct.flow.settings.replace(adjoint=adjoint)
         ct.zero_grad()
         torch.manual_seed(3)  # same Hutchinson noise in both runs
         x = torch.randn(3, 2, requires_grad=True)
@@ -332,8 +332,8 @@ def test_regularizer_states_do_not_set_the_adaptive_step_size():
         with torch.no_grad():
             flow.flow.net.layers[0].linear.weight.mul_(3)  # stiffer dynamics: more steps
         torch.manual_seed(1)
-        _, logdet = flow.flow(x)
-        results.append((flow.nfe.forward, logdet))
+        solution = flow.flow(x)
+        results.append((solution.nfe.forward, solution.logdet))
     (nfe, logdet), (nfe_regularized, logdet_regularized) = results
     assert nfe > 8 and nfe_regularized == nfe
     assert torch.equal(logdet_regularized, logdet)
@@ -398,7 +398,11 @@ def test_solver_settings_switch_and_restore(monkeypatch):
             assert solves.count == 1 and t.nfe.forward > 16
         with pytest.raises(RuntimeError, match="boom"), pf.solver_settings(t, divergence="exact"):
             raise RuntimeError("boom")
-    assert (t.flow.method, t.flow.divergence, t.flow.options) == ("rk4", "hutchinson", {"step_size": 0.25})
+    assert (t.flow.settings.method, t.flow.settings.divergence, dict(t.flow.settings.options)) == (
+        "rk4",
+        "hutchinson",
+        {"step_size": 0.25},
+    )
     assert not torch.allclose(train_solver, exact)
     with pytest.raises(TypeError, match="unknown solver settings"), pf.solver_settings(t, T=2.0):
         pass

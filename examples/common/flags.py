@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 import pyro_ffjord as pf
+from pyro_ffjord.settings import ADAPTIVE_STAGES, METHOD_OPTIONS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -82,9 +83,9 @@ def add_solver_args(
 
 def solver_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``pf.ffjord`` keywords of the training solver flags."""
-    if args.method not in pf.solve.SOLVERS:
-        raise SystemExit(f"error: --method {args.method}: expected one of {', '.join(pf.solve.SOLVERS)}")
-    fixed = pf.solve.is_fixed_grid(args.method)
+    if args.method not in METHOD_OPTIONS:
+        raise SystemExit(f"error: --method {args.method}: expected one of {', '.join(METHOD_OPTIONS)}")
+    fixed = args.method not in ADAPTIVE_STAGES
     return {
         "method": args.method,
         "options": {"step_size": args.step_size} if fixed else None,

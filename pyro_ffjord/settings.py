@@ -1,0 +1,123 @@
+"""Solver settings: one immutable, validated object per CNF, chosen once and swapped whole."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from ._checks import check_choice, check_int
+
+NOISES = ("rademacher", "gaussian")
+DIVERGENCES = ("hutchinson", "exact")
+
+# The option names of torchdiffeq 0.2.5's solvers (their constructors' keywords); max_num_steps is a setting.
+_ADAPTIVE = frozenset(
+    {"first_step", "safety", "ifactor", "dfactor", "max_step", "min_step", "step_t", "jump_t", "norm"}
+)
+_GRID = frozenset({"step_size", "grid_constructor", "perturb", "interp", "norm"})
+_ADAMS = _GRID | {"max_iters", "max_order"}
+METHOD_OPTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        **dict.fromkeys(("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"), _ADAPTIVE),
+        **dict.fromkeys(("euler", "midpoint", "heun2", "heun3", "rk4"), _GRID),
+        "explicit_adams": _ADAMS,
+        "implicit_adams": _ADAMS | {"implicit"},
+        "fixed_adams": _ADAMS | {"implicit"},
+    }
+)
+# Function evaluations per step of torchdiffeq's adaptive Runge-Kutta methods (stages after the first),
+# the unit of the adjoint backward solve's budget.
+ADAPTIVE_STAGES = MappingProxyType({"dopri8": 13, "dopri5": 6, "bosh3": 3, "fehlberg2": 2, "adaptive_heun": 1})
+# Options in units of the solver's time: step lengths, and lists of times.
+TIME_STEP_OPTIONS = ("step_size", "first_step", "min_step", "max_step")
+TIME_POINT_OPTIONS = ("step_t", "jump_t")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class SolverSettings:
+    """How a CNF solves: its trace estimator and its torchdiffeq solver, checked once at construction.
+
+    Immutable: :meth:`replace` returns a changed copy, so a solve, or a cache entry, that saw a settings
+    object saw exactly these values.
+
+    Args:
+        divergence: ``"hutchinson"`` (noise drawn once per solve) or ``"exact"``.
+        noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``.
+        method, rtol, atol, options: the torchdiffeq solver and its settings; fixed-grid methods need
+            ``options={"step_size": h}`` (or a ``grid_constructor``). Time-valued options are in units of ``t``.
+        adjoint: gradients from the adjoint ODE (memory flat in the number of steps).
+        max_num_steps: solver steps allowed per solve (and per adjoint backward solve) before
+            :class:`~pyro_ffjord.ODESolveError`.
+    """
+
+    divergence: str = "hutchinson"
+    noise: str = "rademacher"
+    method: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    options: Mapping[str, Any] = field(default_factory=dict)
+    adjoint: bool = True
+    max_num_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("noise", self.noise, NOISES)
+        check_choice("method", self.method, tuple(METHOD_OPTIONS))
+        _check_positive("rtol", self.rtol)
+        _check_positive("atol", self.atol)
+        if not isinstance(self.adjoint, bool):
+            raise TypeError(f"adjoint must be a bool, got {self.adjoint!r}")
+        check_int("max_num_steps", self.max_num_steps)
+        options = {} if self.options is None else self.options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"options must be a dict of torchdiffeq options, got {type(options).__name__}")
+        allowed = METHOD_OPTIONS[self.method]
+        unknown = set(options) - allowed
+        if unknown:
+            hint = " (pass max_num_steps= itself)" if "max_num_steps" in unknown else ""
+            raise ValueError(
+                f"options has names {sorted(unknown)} unknown to method {self.method!r}{hint}; "
+                f"allowed: {sorted(allowed)}"
+            )
+        if self.fixed_grid:
+            if options.get("step_size") is None and options.get("grid_constructor") is None:
+                raise ValueError(f"fixed-grid method {self.method!r} needs options={{'step_size': h}} with h > 0")
+            if options.get("step_size") is not None:
+                _check_positive("options['step_size']", options["step_size"])
+        if "max_iters" in options:
+            check_int("options['max_iters']", options["max_iters"])
+        options = dict(options)
+        for name in TIME_POINT_OPTIONS:
+            if options.get(name) is not None:  # torchdiffeq negates these for a backward solve only if tensors
+                options[name] = torch.as_tensor(options[name], dtype=torch.float64)
+        object.__setattr__(self, "options", MappingProxyType(options))
+
+    @property
+    def fixed_grid(self) -> bool:
+        """Whether the method steps on a grid (``step_size`` or ``grid_constructor``) rather than adaptively."""
+        return self.method not in ADAPTIVE_STAGES
+
+    def replace(self, **changes: Any) -> SolverSettings:
+        """A copy with ``changes`` (any of the fields), checked like the original."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown solver settings {sorted(unknown)}; allowed: {[f.name for f in fields(self)]}")
+        return replace(self, **{**changes, "options": changes.get("options", dict(self.options))})
+
+    def __getstate__(self) -> dict[str, Any]:  # a mappingproxy cannot be pickled
+        return {f.name: dict(self.options) if f.name == "options" else getattr(self, f.name) for f in fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "options", MappingProxyType(state["options"]))
