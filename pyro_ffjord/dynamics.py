@@ -400,11 +400,13 @@ class ContinuousFlow(nn.Module):
         # An adaptive solve must stop at the first non-finite evaluation (its step control would spin on NaNs);
         # a fixed grid's NaN reaches the final state, checked once: that spares a device synchronization per step.
         check_each = not s.fixed_grid
-        # torchdiffeq bounds the forward solve's steps; the adjoint backward solve is bounded here, in evaluations.
-        backward_budget = s.max_num_steps * ADAPTIVE_STAGES.get(s.method, 0) + _INITIAL_STEP_EVALS
+        # torchdiffeq bounds an adaptive forward solve's steps, and a grid is checked when it is built; an adaptive
+        # adjoint backward solve is bounded here, in evaluations (an error inside torchdiffeq's backward pass would
+        # surface as a bare AssertionError)
+        backward_budget = s.max_num_steps * ADAPTIVE_STAGES[s.method] + _INITIAL_STEP_EVALS if check_each else math.inf
 
         def dynamics(t: Tensor, state: tuple[Tensor, ...], folded: Any = None) -> tuple[Tensor, ...]:
-            if evaluations.count() > backward_budget and evaluations.solved and check_each:
+            if evaluations.count() > backward_budget and evaluations.solved:
                 raise fail(f"exceeded its step budget ({backward_budget} evaluations)")
             f, change, rows = evaluate(t, state, folded)
             if check_each and not (torch.isfinite(f).all() and torch.isfinite(change).all()):

@@ -189,3 +189,26 @@ def test_conditional_transforms_have_T():
     amortized = pf.amortized_ffjord(2, 4, hidden_dims=(8,), T=0.25)
     assert conditional.T.item() == pytest.approx(0.5) == conditional.condition(torch.randn(1, 3)).T.item()
     assert amortized.T.item() == pytest.approx(0.25) == amortized.condition(torch.randn(1, 4)).T.item()
+
+
+class Switch(nn.Module):
+    """dz/dt = -z, which turns into a fast oscillation once ``wild`` is set: an easy forward solve whose adjoint
+    backward solve cannot finish within the step budget."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rate = nn.Parameter(torch.tensor(-1.0))
+        self.wild = False
+
+    def forward(self, t, z):
+        return self.rate * z * (1 + torch.sin(1e4 * t) if self.wild else 1)
+
+
+def test_budget_applies_to_adaptive_adjoint_backward():
+    t = pf.FFJORD(Switch(), 2, divergence="exact", max_num_steps=20, rtol=1e-6, atol=1e-6)
+    x = torch.randn(3, 2)
+    loss = t.log_abs_det_jacobian(t.inv(x), x).sum()
+    t.flow.net.wild = True
+    with pytest.raises(pf.ODESolveError, match=r"adjoint backward solve exceeded its step budget \(122 evaluations\)"):
+        loss.backward()
+    assert t.nfe.backward == 123
