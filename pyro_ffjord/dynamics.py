@@ -58,8 +58,9 @@ _RECOMPILE_LIMIT = 64
 Evaluate = Callable[[Tensor, tuple[Tensor, ...], Any], tuple[Tensor, Tensor, Tensor]]
 
 
-def _compile(net: nn.Module, compile: bool | Mapping[str, Any]) -> Callable[..., tuple[Tensor, Tensor]] | None:
-    """``type(net).forward_and_jacobian`` through ``torch.compile`` with the ``compile`` arguments; None: eager.
+def _compile(net: nn.Module, compile: bool | Mapping[str, Any]) -> tuple[Callable, Callable] | None:
+    """``type(net).forward_and_jacobian`` and :func:`~pyro_ffjord.solve.integrate_fixed_grid` through
+    ``torch.compile`` with the ``compile`` arguments; None: eager.
 
     The unbound method takes the net as an argument, so that a copy of a flow runs its own net. The code is
     built at the first call.
@@ -86,7 +87,7 @@ def _compile(net: nn.Module, compile: bool | Mapping[str, Any]) -> Callable[...,
         torch._functorch.config.donated_buffer = False
     with _keeping_distribution_validation():
         try:
-            return torch.compile(type(net).forward_and_jacobian, **arguments)
+            return tuple(torch.compile(f, **arguments) for f in (type(net).forward_and_jacobian, integrate_fixed_grid))
         except TypeError as error:
             raise ValueError(f"compile has arguments that torch.compile does not take: {error}") from None
 
@@ -228,10 +229,12 @@ class ContinuousFlow(nn.Module):
             gives the log-determinant of the numerical map itself, so the density is exactly that of the map
             the solve applies.
         regularization: RNODE weights, e.g. ``{"kinetic": 0.01, "jacobian": 0.01}``.
-        compile: run the net's ``forward_and_jacobian`` (the whole evaluation but the solver's
-            arithmetic) through ``torch.compile``: True, or a dict of its arguments (e.g.
-            ``{"mode": "max-autotune"}``). Compiled on the first solve; instances of one net class
-            share the compiled code (up to 64 variants: weight shapes, grad modes, ...). Compiled nets
+        compile: run the solve through ``torch.compile``: True, or a dict of its arguments (e.g.
+            ``{"mode": "max-autotune"}``). A lean fixed-grid solve (``euler``/``midpoint``/``rk4`` with a
+            ``step_size``, no adjoint) of a fixed T is compiled whole, every evaluation in one graph; any other
+            solve compiles the net's ``forward_and_jacobian`` (the whole evaluation but the solver's
+            arithmetic). Compiled on the first solve; instances of one net class share the compiled code (up to
+            64 variants: weight shapes, grad modes, ...). Compiled nets
             support first derivatives only (no ``create_graph`` through a solve). Turns off torch's
             donated buffers (a memory saving of compiled backward passes that forbids the adjoint's
             ``retain_graph=True``) for the process.
@@ -313,13 +316,9 @@ class ContinuousFlow(nn.Module):
         # dynamo's wrapper cannot be pickled (torch.save of a whole model); it is rebuilt at the next solve
         return {**self.__dict__, "_compiled": None}
 
-    def _forward_and_jacobian(self) -> Callable[..., tuple[Tensor, Tensor]] | None:
-        """The net's forward-mode evaluation as ``f(net, ...)``, compiled if asked; None if it has none."""
-        if not hasattr(self.net, "forward_and_jacobian"):
-            return None
-        if self.compile_options is False:
-            return type(self.net).forward_and_jacobian
-        if self._compiled is None:  # unpickled
+    def _compiled_functions(self) -> tuple[Callable, Callable] | None:
+        """The compiled net evaluation and lean solve; None when not compiling."""
+        if self.compile_options is not False and self._compiled is None:  # unpickled
             self._compiled = _compile(self.net, self.compile_options)
         return self._compiled
 
@@ -394,7 +393,13 @@ class ContinuousFlow(nn.Module):
 
         lean = s.method in LEAN_METHODS and set(s.options) <= {"step_size", "interp"}
         lean = lean and not (s.adjoint and torch.is_grad_enabled())
-        forward_and_jacobian = self._forward_and_jacobian()
+        # Compiling, a lean solve of a fixed T is compiled whole, the net's evaluations inlined (a learned T moves
+        # the grid, which would compile anew at every step); any other solve is compiled one evaluation at a time.
+        compiled = self._compiled_functions()
+        whole = compiled is not None and lean and not rescaled
+        forward_and_jacobian = getattr(type(self.net), "forward_and_jacobian", None)
+        if compiled is not None and not whole:
+            forward_and_jacobian = compiled[0]
         map_jacobian = lean and noise is None and forward_and_jacobian is not None
         evaluate = _evaluation(self.net, forward_and_jacobian, context, noise, map_jacobian, regularize)
         # An adaptive solve must stop at the first non-finite evaluation (its step control would spin on NaNs);
@@ -430,9 +435,9 @@ class ContinuousFlow(nn.Module):
             times = torch.tensor(stage_times(grid, s.method), dtype=T.dtype, device=T.device)
             times = times * T if rescaled else times
             fold_time = getattr(self.net, "fold_time", None)
-            folded = fold_time(times) if fold_time is not None and self.compile_options is False else None
+            folded = None if fold_time is None else fold_time(times)
             times = times.unbind(0)
-            final = integrate_fixed_grid(
+            final = (compiled[1] if whole else integrate_fixed_grid)(
                 lambda i, state: dynamics(times[i], state, None if folded is None else folded[i]),
                 state,
                 grid=grid,

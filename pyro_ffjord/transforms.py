@@ -139,7 +139,7 @@ class _CNFTransform:
         value = _check_tensor(name, value, flow.input_dim, flow.log_T)
         batch, flat, context = _flatten_batch(name, value, self._context)
         if flat.shape[0] == 0:
-            return value.clone(), value.new_zeros(batch), ()
+            return flat.clone().reshape(batch + value.shape[-1:]), flat.new_zeros(batch), ()
         solution = flow(flat, context, reverse=reverse, exact=self._exact)
         return solution.y.reshape(batch + value.shape[-1:]), solution.logdet.reshape(batch), (solution,)
 

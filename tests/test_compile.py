@@ -46,10 +46,17 @@ def backend():
     torch._dynamo.reset()
 
 
+_TRANSFORMS = (pf.FFJORD, pf.ConditionalFFJORD, pf.MultiscaleFFJORD)
+
+
 def _evaluations(module) -> int:
     """Evaluations of the last solves of every CNF transform in ``module``."""
-    transforms = (pf.FFJORD, pf.ConditionalFFJORD, pf.MultiscaleFFJORD)
-    return sum(sum(m.nfe) for m in module.modules() if isinstance(m, transforms))
+    return sum(sum(m.nfe) for m in module.modules() if isinstance(m, _TRANSFORMS))
+
+
+def _solves(module) -> int:
+    """CNF solves of the last call of every CNF transform in ``module`` (a lean solve compiles into one graph)."""
+    return sum(len(m.solutions) for m in module.modules() if isinstance(m, (pf.FFJORD, pf.MultiscaleFFJORD)))
 
 
 def _log_prob_and_grads(transform, x, *context):
@@ -120,7 +127,21 @@ def test_compiled_multiscale_matches_eager(float64, backend):
     ):
         x = torch.rand(2, 1, 8, 8)
         torch.testing.assert_close(compiled.inv(x), eager.inv(x))
-    assert backend.calls - calls >= _evaluations(compiled)
+    assert backend.calls - calls >= _solves(compiled) == 5  # every lean rk4 solve compiled whole
+
+
+def test_a_lean_solve_of_a_fixed_T_is_compiled_whole(float64, backend):
+    """rk4 on a grid without the adjoint: every evaluation of a solve, and the solver's arithmetic, in one graph."""
+
+    def make(**compile):
+        return pf.ffjord(2, hidden_dims=(8,), method="rk4", options={"step_size": 0.25}, adjoint=False, **compile)
+
+    eager, compiled = _twins(make, {"backend": backend})
+    _assert_same(eager, compiled, torch.randn(5, 2))
+    x = torch.randn(5, 2)
+    calls = backend.calls
+    torch.testing.assert_close(compiled.inv(x), eager.inv(x))
+    assert backend.calls - calls == 1 and compiled.nfe.forward == 16
 
 
 def test_compiled_evaluation_without_grad_and_new_batch_sizes(float64, backend):
@@ -201,7 +222,8 @@ def test_autoffjord_with_compiled_dynamics_gives_the_eager_elbo_and_gradients(fl
         loss = Trace_ELBO().differentiable_loss(model, guide)
         params = dict(guide.named_parameters())
         grads = torch.autograd.grad(loss, list(params.values()))
-        assert (backend.calls - calls >= _evaluations(guide) > 0) == bool(compile)
+        expected = _evaluations(guide) if adjoint else _solves(guide)  # rk4 without the adjoint: compiled whole
+        assert (backend.calls - calls >= expected > 0) == bool(compile)
         results.append((loss, dict(zip(params, grads))))
     (loss, grads), (compiled_loss, compiled_grads) = results
     torch.testing.assert_close(compiled_loss, loss)

@@ -408,3 +408,11 @@ def test_solver_settings_switch_and_restore(monkeypatch):
         pass
     with pytest.raises(ValueError, match="contains no CNF"), pf.solver_settings(nn.Linear(2, 2)):
         pass
+
+
+def test_an_empty_context_batch_broadcasts_to_an_empty_result():
+    """A context of batch (0,) and one unbatched value: the joint batch is empty, and so are the results."""
+    t = pf.conditional_ffjord(2, 3, hidden_dims=(4,), **FAST).condition(torch.zeros(0, 3))
+    z = torch.randn(2)
+    assert t(z).shape == t.inv(z).shape == (0, 2)
+    assert t.log_abs_det_jacobian(z, t(z)).shape == (0,)
