@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import fields
 from typing import Any, NamedTuple
 
 import torch
@@ -41,11 +40,10 @@ from .divergence import (
     divergence_hutchinson_jvp,
     sample_noise,
 )
-from .settings import ADAPTIVE_STAGES, TIME_POINT_OPTIONS, TIME_STEP_OPTIONS, SolverSettings
+from .settings import ADAPTIVE_STAGES, SETTINGS, TIME_POINT_OPTIONS, TIME_STEP_OPTIONS, SolverSettings
 from .solve import LEAN_METHODS, ODESolveError, integrate, integrate_fixed_grid, stage_times, step_grid
 
 REGULARIZERS = ("kinetic", "jacobian")
-SETTINGS = tuple(field.name for field in fields(SolverSettings))
 # Relative distance from an integer below which T / step_size counts as that many steps.
 _STEP_COUNT_RTOL = 1e-6
 # Evaluations an adaptive solve spends choosing its first step.

@@ -108,11 +108,11 @@ class SolverSettings:
         return self.method not in ADAPTIVE_STAGES
 
     def replace(self, **changes: Any) -> SolverSettings:
-        """A copy with ``changes`` (any of the fields), checked like the original."""
-        unknown = set(changes) - {f.name for f in fields(self)}
+        """A copy with ``changes`` (any of :data:`SETTINGS`), checked like the original."""
+        unknown = set(changes) - set(SETTINGS)
         if unknown:
-            raise TypeError(f"unknown solver settings {sorted(unknown)}; allowed: {[f.name for f in fields(self)]}")
-        return replace(self, **{**changes, "options": changes.get("options", dict(self.options))})
+            raise TypeError(f"unknown solver settings {sorted(unknown)}; allowed: {list(SETTINGS)}")
+        return replace(self, **changes)
 
     def __getstate__(self) -> dict[str, Any]:  # a mappingproxy cannot be pickled
         return {f.name: dict(self.options) if f.name == "options" else getattr(self, f.name) for f in fields(self)}
@@ -121,3 +121,6 @@ class SolverSettings:
         for name, value in state.items():
             object.__setattr__(self, name, value)
         object.__setattr__(self, "options", MappingProxyType(state["options"]))
+
+
+SETTINGS = tuple(f.name for f in fields(SolverSettings))

@@ -139,9 +139,11 @@ class _CNFTransform:
         value = _check_tensor(name, value, flow.input_dim, flow.log_T)
         batch, flat, context = _flatten_batch(name, value, self._context)
         if flat.shape[0] == 0:
-            return flat.clone().reshape(batch + value.shape[-1:]), flat.new_zeros(batch), ()
-        solution = flow(flat, context, reverse=reverse, exact=self._exact)
-        return solution.y.reshape(batch + value.shape[-1:]), solution.logdet.reshape(batch), (solution,)
+            out, logdet, solutions = flat.clone(), flat.new_zeros(0), ()
+        else:
+            solution = flow(flat, context, reverse=reverse, exact=self._exact)
+            out, logdet, solutions = solution.y, solution.logdet, (solution,)
+        return out.reshape(batch + value.shape[-1:]), logdet.reshape(batch), solutions
 
     def _call(self, z: Tensor) -> Tensor:
         record = self._lookup(base=z)

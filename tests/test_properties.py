@@ -7,7 +7,6 @@ Known gaps of the package found by these properties are pinned as strict xfails 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyro_ffjord as pf
-from pyro_ffjord.settings import SolverSettings
+from pyro_ffjord.settings import SETTINGS as SETTING_NAMES
 
 CHEAP = dict(method="euler", options={"step_size": 0.5})
 D, C = 2, 3
@@ -268,7 +267,6 @@ def test_autoffjord_constructor(draw):
     constructed(lambda **kw: pf.AutoFFJORD(_guide_model, **kw), kwargs, bad, sample)
 
 
-SETTING_NAMES = [field.name for field in dataclasses.fields(SolverSettings)]
 SETTING_VALUES = {name: OPTION_VALUES[name] for name in SETTING_NAMES}
 SETTING_VALUES.update(T=([], [1.0]), train_T=([], [True]), regularization=([], [{}]), metod=([], ["rk4"]))
 
