@@ -46,13 +46,13 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch import Tensor, nn
 from torch.distributions.transforms import AffineTransform, ReshapeTransform
-from tqdm import tqdm
 
 import pyro_ffjord as pf
 from pyro_ffjord.datasets.images import IMAGE_DATASETS, download_image_dataset, load_image_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import flags, training  # noqa: E402
+from common import training  # noqa: E402
+from common.training import int_list, non_negative_float, non_negative_int, positive_float, positive_int  # noqa: E402
 
 
 class ImageCNF(nn.Module):
@@ -85,7 +85,7 @@ def build_flow(args: argparse.Namespace, shape: tuple[int, int, int]) -> pf.Mult
         T=args.T,
         train_T=args.train_T,
         regularization=regularization,
-        **flags.solver_options(args),
+        **training.solver_options(args),
     )
 
 
@@ -187,41 +187,27 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     )
     elbo, params = Trace_ELBO(), list(flow.parameters())
     pyro.module("flow", flow)
-    trainer = training.Trainer(
-        out / "checkpoint.pt", flow, scheduler, training.training_state(), args.resume, writer=procs.rank == 0
-    )
+    trainer = training.Trainer(args, flow, scheduler, procs, args.num_steps)
 
-    def train_step(step: int, state: dict) -> float:
+    def train_step(step: int, state: dict) -> dict:
         seed = training.batch_seed(args.seed, step, procs)
         x = training_batch(train, args.batch_size, seed, device)
         torch.manual_seed(seed)  # the Hutchinson noise of this step
-        if args.objective == "fm":
-            loss = pf.flow_matching_loss(flow.cnf, 2 * x.flatten(1) - 1, coupling=args.coupling)
+        if args.objective == "fm":  # the flow-matching loss is no likelihood: no bits/dim to show
+            loss, bits_per_dim = pf.flow_matching_loss(flow.cnf, 2 * x.flatten(1) - 1, coupling=args.coupling), ""
         else:  # with the empty guide, the -ELBO is the NLL
             nll = elbo.differentiable_loss(model, guide, x, flow) / len(x)
             # read after the loss: Pyro scores the sample site once the model has run, with this step's solve
             loss = nll + flow.regularization_loss()
-            latest["bits_per_dim"] = pf.bits_per_dim(-nll.detach(), num_dims).item()
+            bits_per_dim = pf.bits_per_dim(-nll.detach(), num_dims).item()
         loss.backward()
         value = training.update(loss.detach(), params, scheduler)
         scheduler.step()
-        return value
+        return {"loss": value, "bits_per_dim": bits_per_dim, "nfe": flow.nfe.forward}
 
-    def report(step: int, loss: float, state: dict) -> None:
-        if args.objective == "fm":  # the flow-matching loss is no likelihood: no bits/dim to show
-            bar.set_postfix(loss=f"{loss:.3f}")
-        else:
-            bar.set_postfix(bpd=f"{latest['bits_per_dim']:.3f}", nfe=flow.nfe.forward)
-        bar.update()
-        row = {"step": step, "loss": loss, "bits_per_dim": latest.get("bits_per_dim", ""), "nfe": flow.nfe.forward}
-        state["log"].append({**row, "seconds": state["seconds"]})
+    state = trainer.run(train_step, args.checkpoint_every)
 
-    latest: dict[str, float] = {}
-    bar = tqdm(initial=trainer.start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
-    state = trainer.run(args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
-    bar.close()
-
-    with flags.evaluation_solver(flow, args):
+    with training.evaluation_solver(flow, args):
         eval_started = time.time()
         bpd, se = evaluate_bits_per_dim(flow, test, args, procs)
         metrics = {
@@ -249,35 +235,33 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="mnist", help="dataset")
     parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision first")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=flags.non_negative_int, default=2000, help="training images (0: all)")
-    parser.add_argument("--num-test", type=flags.non_negative_int, default=500, help="test images (0: all)")
-    flags.add_common_args(parser, num_steps=200, out="outputs/images")
-    parser.add_argument("--batch-size", type=flags.positive_int, default=32, help="images per step and process")
-    parser.add_argument("--lr", type=flags.positive_float, default=5e-3)
-    parser.add_argument("--warmup", type=flags.non_negative_int, default=20, help="linear learning-rate warm-up steps")
+    parser.add_argument("--num-train", type=non_negative_int, default=2000, help="training images (0: all)")
+    parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
+    training.add_common_args(parser, num_steps=200, out="outputs/images")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step and process")
+    parser.add_argument("--lr", type=positive_float, default=5e-3)
+    parser.add_argument("--warmup", type=non_negative_int, default=20, help="linear learning-rate warm-up steps")
     parser.add_argument("--lr-decay", choices=["cosine", "none"], default="cosine", help="after the warm-up")
-    flags.add_objective_args(parser, default="ml", choices=("ml", "fm"))
+    training.add_objective_args(parser, default="ml", choices=("ml", "fm"))
     parser.add_argument(
-        "--unet-channels", type=flags.int_list, default=(32, 64, 64), help="U-Net channels per resolution (fm)"
+        "--unet-channels", type=int_list, default=(32, 64, 64), help="U-Net channels per resolution (fm)"
     )
-    parser.add_argument("--n-scales", type=flags.positive_int, default=2, help="squeeze levels of the multiscale model")
-    parser.add_argument(
-        "--n-blocks", type=flags.positive_int, default=1, help="CNF blocks before and after each squeeze"
-    )
-    parser.add_argument("--hidden-channels", type=flags.int_list, default=(16, 16, 16), help="of each conv net")
+    parser.add_argument("--n-scales", type=positive_int, default=2, help="squeeze levels of the multiscale model")
+    parser.add_argument("--n-blocks", type=positive_int, default=1, help="CNF blocks before and after each squeeze")
+    parser.add_argument("--hidden-channels", type=int_list, default=(16, 16, 16), help="of each conv net")
     parser.add_argument("--layer", choices=["concat", "concatsquash"], default="concat", help="time conditioning")
-    parser.add_argument("--alpha", type=flags.positive_float, default=1e-6, help="logit pre-processing")
-    parser.add_argument("--T", type=flags.positive_float, default=1.0, help="initial integration time of each block")
+    parser.add_argument("--alpha", type=positive_float, default=1e-6, help="logit pre-processing")
+    parser.add_argument("--T", type=positive_float, default=1.0, help="initial integration time of each block")
     parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
-    flags.add_solver_args(parser, method="rk4", step_size=0.5, tol=1e-5, max_steps=1000, trace="hutchinson")
-    parser.add_argument("--kinetic", type=flags.non_negative_float, default=0.01, help="RNODE kinetic-energy weight")
-    parser.add_argument("--jacobian", type=flags.non_negative_float, default=0.01, help="RNODE Jacobian-norm weight")
-    parser.add_argument("--eval-batch-size", type=flags.positive_int, default=250, help="test images per solve")
-    parser.add_argument("--num-samples", type=flags.positive_int, default=64, help="samples in the PNG grid")
+    training.add_solver_args(parser, method="rk4", step_size=0.5, tol=1e-5, max_steps=1000, trace="hutchinson")
+    parser.add_argument("--kinetic", type=non_negative_float, default=0.01, help="RNODE kinetic-energy weight")
+    parser.add_argument("--jacobian", type=non_negative_float, default=0.01, help="RNODE Jacobian-norm weight")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=250, help="test images per solve")
+    parser.add_argument("--num-samples", type=positive_int, default=64, help="samples in the PNG grid")
     return parser.parse_args(argv)
 
 

@@ -23,13 +23,13 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.infer import Trace_ELBO
-from tqdm import tqdm
 
 import pyro_ffjord as pf
 from pyro_ffjord.datasets.toy import TOY_DATASETS, sample_toy, toy_log_density
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import flags, training  # noqa: E402
+from common import training  # noqa: E402
+from common.training import int_list, non_negative_float, positive_float, positive_int  # noqa: E402
 
 
 def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
@@ -44,7 +44,7 @@ def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
             train_T=args.train_T,
             divergence=args.divergence,
             regularization=regularization,
-            **flags.solver_options(args),
+            **training.solver_options(args),
         )
         for _ in range(args.num_blocks)
     ]
@@ -150,31 +150,21 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     )
     elbo = Trace_ELBO()
     pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
-    trainer = training.Trainer(
-        out / "checkpoint.pt", flow, scheduler, training.training_state(), args.resume, writer=procs.rank == 0
-    )
+    trainer = training.Trainer(args, flow, scheduler, procs, args.num_steps)
 
-    def train_step(step: int, state: dict) -> float:
+    def train_step(step: int, state: dict) -> dict:
         x = sample_toy(args.data, args.batch_size, seed=training.batch_seed(args.seed, step, procs)).float().to(device)
-        if flags.flow_matching_now(args, step, args.num_steps):
+        if training.flow_matching_now(args, step, args.num_steps):
             loss = training.flow_matching_step(flow.parts[0], x, scheduler, args)
         else:
             loss = training.svi_step(elbo, scheduler, model, guide, x, flow) / len(x)
         scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
-        return loss
+        return {"loss": loss, "nfe_forward": flow.parts[0].nfe.forward, "T": flow.parts[0].T.item()}
 
-    def report(step: int, loss: float, state: dict) -> None:
-        nfe, T = flow.parts[0].nfe.forward, flow.parts[0].T.item()
-        bar.set_postfix(nll=f"{loss:.3f}", nfe=nfe, T=f"{T:.3f}")
-        bar.update()
-        state["log"].append({"step": step, "loss": loss, "nfe_forward": nfe, "T": T, "seconds": state["seconds"]})
-
-    bar = tqdm(initial=trainer.start, total=args.num_steps, disable=args.no_progress or procs.rank > 0)
-    state = trainer.run(args.num_steps, train_step, report, lambda s: s % args.checkpoint_every == 0)
-    bar.close()
+    state = trainer.run(train_step, args.checkpoint_every)
     losses = [row["loss"] for row in state["log"]]
 
-    with flags.evaluation_solver(flow, args):
+    with training.evaluation_solver(flow, args):
         nll, se = test_nll(flow, test, args.eval_batch_size)
         nfe = flow.parts[0].nfe.forward
         log_density = toy_log_density(args.data, test)
@@ -200,25 +190,25 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     parser.add_argument("--data", choices=TOY_DATASETS, default="8gaussians", help="toy density")
-    flags.add_common_args(parser, out="outputs/toy_2d", num_steps=1500)
-    parser.add_argument("--batch-size", type=flags.positive_int, default=512, help="samples per step")
-    parser.add_argument("--lr", type=flags.positive_float, default=5e-3, help="Adam learning rate (cosine decay)")
-    flags.add_objective_args(parser, default="ml")
-    parser.add_argument("--hidden-dims", type=flags.int_list, default=(64, 64, 64), help="widths of the field's layers")
-    parser.add_argument("--num-blocks", type=flags.positive_int, default=1, help="stacked CNFs")
+    training.add_common_args(parser, out="outputs/toy_2d", num_steps=1500)
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="samples per step")
+    parser.add_argument("--lr", type=positive_float, default=5e-3, help="Adam learning rate (cosine decay)")
+    training.add_objective_args(parser, default="ml")
+    parser.add_argument("--hidden-dims", type=int_list, default=(64, 64, 64), help="widths of the field's layers")
+    parser.add_argument("--num-blocks", type=positive_int, default=1, help="stacked CNFs")
     parser.add_argument("--layer", default="concatsquash", help="time conditioning of the layers")
     parser.add_argument("--activation", default="tanh", help="of the field's layers")
-    parser.add_argument("--T", type=flags.positive_float, default=0.5, help="(initial) integration time")
+    parser.add_argument("--T", type=positive_float, default=0.5, help="(initial) integration time")
     parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=True, help="learn T")
     parser.add_argument("--divergence", choices=["exact", "hutchinson"], default="exact", help="training trace")
-    flags.add_solver_args(parser, method="rk4", step_size=0.125, tol=1e-5, max_steps=1000)
-    parser.add_argument("--kinetic", type=flags.non_negative_float, default=0.0, help="RNODE kinetic-energy weight")
-    parser.add_argument("--jacobian", type=flags.non_negative_float, default=0.0, help="RNODE Jacobian-norm weight")
-    parser.add_argument("--num-test", type=flags.positive_int, default=20000, help="test samples")
-    parser.add_argument("--eval-batch-size", type=flags.positive_int, default=10000, help="test samples per solve")
-    parser.add_argument("--plot-resolution", type=flags.positive_int, default=200, help="density grid points per axis")
+    training.add_solver_args(parser, method="rk4", step_size=0.125, tol=1e-5, max_steps=1000)
+    parser.add_argument("--kinetic", type=non_negative_float, default=0.0, help="RNODE kinetic-energy weight")
+    parser.add_argument("--jacobian", type=non_negative_float, default=0.0, help="RNODE Jacobian-norm weight")
+    parser.add_argument("--num-test", type=positive_int, default=20000, help="test samples")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=10000, help="test samples per solve")
+    parser.add_argument("--plot-resolution", type=positive_int, default=200, help="density grid points per axis")
     return parser.parse_args(argv)
 
 

@@ -51,7 +51,8 @@ import pyro_ffjord as pf
 from pyro_ffjord.datasets.vae import VAEData, load_vae_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import flags, training  # noqa: E402
+from common import training  # noqa: E402
+from common.training import int_list, non_negative_int, positive_float, positive_int  # noqa: E402
 
 DATASETS = ("mnist", "omniglot", "caltech", "frey")
 POSTERIORS = ("ffjord", "ffjord-context", "iaf", "gaussian")
@@ -205,7 +206,7 @@ def build_flows(name: str, args: argparse.Namespace) -> list[nn.Module]:
         noise=args.noise,
         layer=args.layer,
         activation=args.activation,
-        **flags.solver_options(args),
+        **training.solver_options(args),
     )
     if name == "ffjord":
         make = partial(pf.amortized_ffjord, args.z_dim, FEATURES, settings.hidden_dims, settings.rank, **options)
@@ -286,7 +287,7 @@ def fit(name: str, data: VAEData, splits: dict[str, Tensor], args: argparse.Name
     cnfs = [m for m in vae.flows if isinstance(m, pf.ConditionalFFJORD)]
 
     def test_metrics(num_samples: int) -> dict[str, float]:
-        with flags.evaluation_solver(vae, args) if cnfs else contextlib.nullcontext():
+        with training.evaluation_solver(vae, args) if cnfs else contextlib.nullcontext():
             return evaluate(vae, test, num_samples, args.eval_batch_size, args.is_chunk)
 
     optimizer, elbo = pyro.optim.Adamax({"lr": args.lr, "eps": 1e-7}), Trace_ELBO()
@@ -481,61 +482,47 @@ PAPER_SETTINGS = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=training.HelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset")
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
-    parser.add_argument("--num-train", type=flags.non_negative_int, default=5000, help="training images used (0: all)")
-    parser.add_argument("--num-val", type=flags.non_negative_int, default=1000, help="validation images (0: all)")
-    parser.add_argument("--num-test", type=flags.non_negative_int, default=500, help="test images (0: all)")
+    parser.add_argument("--num-train", type=non_negative_int, default=5000, help="training images used (0: all)")
+    parser.add_argument("--num-val", type=non_negative_int, default=1000, help="validation images (0: all)")
+    parser.add_argument("--num-test", type=non_negative_int, default=500, help="test images (0: all)")
     parser.add_argument("--posterior", choices=[*POSTERIORS, "all"], default="ffjord", help="posterior to train")
     parser.add_argument(
         "--paper", action="store_true", help="the paper's full setting as defaults (flags given with it win)"
     )
-    flags.add_common_args(parser, out="outputs/vae", num_steps=10, step_name="epochs")
-    parser.add_argument("--batch-size", type=flags.positive_int, default=100, help="images per step and process")
-    parser.add_argument("--lr", type=flags.positive_float, default=5e-4, help="Adamax step size (the paper's)")
+    training.add_common_args(parser, out="outputs/vae", num_steps=10, step_name="epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=100, help="images per step and process")
+    parser.add_argument("--lr", type=positive_float, default=5e-4, help="Adamax step size (the paper's)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="KL warm-up epochs (paper: 100; 0: none)")
+    parser.add_argument("--max-beta", type=positive_float, default=1.0, help="KL weight after the warm-up")
+    parser.add_argument("--patience", type=positive_int, default=35, help="epochs without improvement before stopping")
+    parser.add_argument("--z-dim", type=positive_int, default=64, help="latent dimension")
     parser.add_argument(
-        "--warmup", type=flags.non_negative_int, default=3, help="KL warm-up epochs (paper: 100; 0: none)"
+        "--rank", type=positive_int, default=None, help="of the amortized weights (default: the paper's)"
     )
-    parser.add_argument("--max-beta", type=flags.positive_float, default=1.0, help="KL weight after the warm-up")
+    parser.add_argument("--hidden-dims", type=int_list, default=None, help="CNF widths (default: the paper's)")
+    parser.add_argument("--num-blocks", type=positive_int, default=None, help="stacked CNFs (default: the paper's)")
     parser.add_argument(
-        "--patience", type=flags.positive_int, default=35, help="epochs without improvement before stopping"
+        "--max-width", type=non_negative_int, default=128, help="cap on the CNF widths (0: none, the paper)"
     )
-    parser.add_argument("--z-dim", type=flags.positive_int, default=64, help="latent dimension")
-    parser.add_argument(
-        "--rank", type=flags.positive_int, default=None, help="of the amortized weights (default: the paper's)"
-    )
-    parser.add_argument("--hidden-dims", type=flags.int_list, default=None, help="CNF widths (default: the paper's)")
-    parser.add_argument(
-        "--num-blocks", type=flags.positive_int, default=None, help="stacked CNFs (default: the paper's)"
-    )
-    parser.add_argument(
-        "--max-width", type=flags.non_negative_int, default=128, help="cap on the CNF widths (0: none, the paper)"
-    )
-    parser.add_argument(
-        "--max-rank", type=flags.non_negative_int, default=8, help="cap on the rank (0: none, the paper)"
-    )
+    parser.add_argument("--max-rank", type=non_negative_int, default=8, help="cap on the rank (0: none, the paper)")
     parser.add_argument("--layer", default="concat", help="time conditioning of the CNF layers (the paper's)")
     parser.add_argument("--activation", default="tanh", help="of the CNF layers")
-    parser.add_argument("--T", type=flags.positive_float, default=0.5, help="integration time (the paper's)")
+    parser.add_argument("--T", type=positive_float, default=0.5, help="integration time (the paper's)")
     parser.add_argument("--train-T", action=argparse.BooleanOptionalAction, default=False, help="learn T")
     parser.add_argument("--noise", choices=["rademacher", "gaussian"], default="rademacher", help="Hutchinson noise")
-    flags.add_solver_args(parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=1000)
+    training.add_solver_args(parser, method="rk4", step_size=0.25, tol=1e-5, max_steps=1000)
+    parser.add_argument("--iaf-layers", type=positive_int, default=4, help="IAF baseline: flows (Sylvester's default)")
+    parser.add_argument("--iaf-hidden", type=positive_int, default=320, help="IAF baseline: MADE width (Sylvester's)")
     parser.add_argument(
-        "--iaf-layers", type=flags.positive_int, default=4, help="IAF baseline: flows (Sylvester's default)"
+        "--is-samples", type=positive_int, default=None, help="K of the IS NLL (default: 5000 on GPU, 5 on CPU)"
     )
-    parser.add_argument(
-        "--iaf-hidden", type=flags.positive_int, default=320, help="IAF baseline: MADE width (Sylvester's)"
-    )
-    parser.add_argument(
-        "--is-samples", type=flags.positive_int, default=None, help="K of the IS NLL (default: 5000 on GPU, 5 on CPU)"
-    )
-    parser.add_argument(
-        "--eval-batch-size", type=flags.positive_int, default=100, help="test images per evaluation batch"
-    )
+    parser.add_argument("--eval-batch-size", type=positive_int, default=100, help="test images per evaluation batch")
     parser.add_argument(
         "--is-chunk",
-        type=flags.positive_int,
+        type=positive_int,
         default=None,
         help="latents evaluated at once (default: 5000 on GPU, 500 on CPU)",
     )

@@ -1,6 +1,6 @@
-"""The examples' training loop: updates that skip non-finite gradients and average over torchrun's processes,
-atomic checkpoints read with ``weights_only=True``, ``--resume``, and a clean stop (with a checkpoint) on a
-failed solve, a NaN or SIGINT/SIGTERM."""
+"""What the examples share: one flag vocabulary (torchdiffeq's names for the solvers), torchrun's processes, and
+a training loop that loses nothing: atomic checkpoints read with ``weights_only=True``, ``--resume``, and a clean
+stop with a checkpoint on a failed solve, a non-finite loss or gradient, or SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,14 +18,167 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyro
 import torch
+from tqdm import tqdm
 
 import pyro_ffjord as pf
+from pyro_ffjord.settings import ADAPTIVE_STAGES, METHOD_OPTIONS
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default (unless its help already tells it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse ``type`` whose error names the expected value (argparse prints the flag's name)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
+non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a non-negative number")
+fraction = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+int_list = _checked(lambda s: tuple(map(int, s.split(","))), lambda v: min(v) > 0, "positive integers such as 64,64")
+
+
+def add_common_args(parser: argparse.ArgumentParser, out: str, num_steps: int, unit: str = "steps") -> None:
+    """Every run's flags: length, seed, device, outputs, resume, threads, compile, data parallelism."""
+    parser.add_argument("-n", f"--num-{unit}", type=positive_int, default=num_steps, help=f"training {unit}")
+    if unit == "steps":
+        parser.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--out", default=out, help="folder for checkpoint, log, metrics and plot")
+    parser.add_argument("--plot", default=None, help="PNG path (default: in --out)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (a larger -n extends)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--distributed", action="store_true", help="data parallel over torchrun's processes")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND", help="torch.compile the dynamics")
+
+
+def add_solver_args(parser, method: str, step_size: float, tol: float, max_steps: int, trace: str = "exact") -> None:
+    """The training solver and the (adaptive) evaluation solver, with torchdiffeq's names."""
+    parser.add_argument("--method", default=method, help="training solver: fixed grid (rk4, ...) or adaptive")
+    parser.add_argument("--step-size", type=positive_float, default=step_size, help="step of a fixed-grid solver")
+    parser.add_argument("--rtol", type=positive_float, default=tol, help="of an adaptive training solver")
+    parser.add_argument("--atol", type=positive_float, default=tol, help="of an adaptive training solver")
+    parser.add_argument("--max-num-steps", type=positive_int, default=1000, help="step budget of a training solve")
+    parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
+    parser.add_argument("--eval-method", default="dopri5", help="adaptive solver of every reported number")
+    parser.add_argument("--eval-rtol", type=positive_float, default=tol, help="of the evaluation solver")
+    parser.add_argument("--eval-atol", type=positive_float, default=tol, help="of the evaluation solver")
+    parser.add_argument("--eval-max-num-steps", type=positive_int, default=max_steps, help="its step budget")
+    parser.add_argument("--eval-divergence", choices=["exact", "hutchinson"], default=trace, help="its trace")
+
+
+def add_objective_args(parser: argparse.ArgumentParser, default: str, choices=("ml", "fm", "fm+ml")) -> None:
+    """``--objective``: maximum likelihood (SVI), flow matching, or flow matching then maximum likelihood."""
+    parser.add_argument("--objective", choices=choices, default=default, help="ml, fm or fm then ml")
+    parser.add_argument("--fm-fraction", type=fraction, default=0.5, help="share of the steps by fm under fm+ml")
+    parser.add_argument("--coupling", choices=pf.flow_matching.COUPLINGS, default="independent", help="fm pairing")
+    parser.add_argument("--sigma-min", type=non_negative_float, default=0.0, help="fm path width at the data end")
+
+
+def solver_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``pf.ffjord`` keywords of the training solver flags."""
+    if args.method not in METHOD_OPTIONS:
+        raise SystemExit(f"error: --method {args.method}: expected one of {', '.join(METHOD_OPTIONS)}")
+    return {
+        "method": args.method,
+        "options": None if args.method in ADAPTIVE_STAGES else {"step_size": args.step_size},
+        **{"rtol": args.rtol, "atol": args.atol, "max_num_steps": args.max_num_steps, "adjoint": args.adjoint},
+        "compile": {"backend": args.compile} if args.compile else False,
+    }
+
+
+def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Switches every CNF in ``module`` to the evaluation solver, for the ``with`` block."""
+    return pf.solver_settings(module, divergence=args.eval_divergence, method=args.eval_method, rtol=args.eval_rtol,
+                              atol=args.eval_atol, options=None, max_num_steps=args.eval_max_num_steps)  # fmt: skip
+
+
+def flow_matching_now(args: argparse.Namespace, step: int, num_steps: int) -> bool:
+    """Whether step ``step`` of ``num_steps`` trains by flow matching under ``--objective``."""
+    return args.objective == "fm" or (args.objective == "fm+ml" and step < args.fm_fraction * num_steps)
+
+
+class Processes(NamedTuple):
+    """Where this process stands in a (possibly single-process) data-parallel run; rank 0 writes the files."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+@contextlib.contextmanager
+def processes(args: argparse.Namespace) -> Iterator[Processes]:
+    """The device (with clear errors), CPU threads, and with ``--distributed`` the process group of ``torchrun``
+    (NCCL on CUDA, each process on ``cuda:$LOCAL_RANK``; Gloo on CPU), left at the end."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine")
+    if not args.distributed:
+        yield Processes(0, 1, device)
+        return
+    if "LOCAL_RANK" not in os.environ:
+        raise SystemExit("error: --distributed: start the script with torchrun (torchrun --nproc_per_node=2 ...)")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def batch_seed(seed: int, step: int, procs: Processes) -> int:
+    """One seed per (run, step, process): each process draws its own batch and noise at each step."""
+    return (seed * 1_000_003 + step) * procs.world_size + procs.rank
+
+
+def train_batches(n: int, batch_size: int, seed: int, step: int, procs: Processes) -> torch.Tensor:
+    """Row indices of this process's batch at ``step``: epoch-wise seeded shuffles (a resumed run sees the same
+    batches), the consecutive batches of a shuffle going to consecutive processes."""
+    epoch, i = divmod(step * procs.world_size + procs.rank, max(n // batch_size, 1))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[i * batch_size : (i + 1) * batch_size]
+
+
+def in_sync(module: torch.nn.Module) -> bool:
+    """Whether every process holds exactly the same parameters (True without ``torchrun``)."""
+    if not torch.distributed.is_initialized():
+        return True
+    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+    low, high = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
+    return torch.equal(low, high)
 
 
 class NonFiniteError(ArithmeticError):
@@ -35,17 +188,16 @@ class NonFiniteError(ArithmeticError):
 def update(loss: torch.Tensor | float, params: list[torch.Tensor], optimizer: pyro.optim.PyroOptim) -> float:
     """Applies ``optimizer`` to the gradients of ``params`` and clears them; returns the loss.
 
-    Under ``torchrun`` the loss and gradients are first averaged over the processes (one ``all_reduce``), so
-    that every replica takes the same step: data parallelism for any Pyro model and guide. A non-finite loss
-    or gradient changes nothing and raises :class:`NonFiniteError`.
+    Under ``torchrun`` the loss and gradients are first averaged over the processes (one ``all_reduce``), so that
+    every replica takes the same step: data parallelism for any Pyro model and guide. A non-finite loss or
+    gradient changes nothing and raises :class:`NonFiniteError`.
     """
     grads = [p.grad for p in params]
     if torch.distributed.is_initialized():  # params come in the same order on every process
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         flat = torch.cat([torch.as_tensor(loss, dtype=grads[0].dtype, device=grads[0].device).reshape(1)]
-                         + [g.flatten() for g in grads])  # fmt: skip
+                         + [g.flatten() for g in grads]) / torch.distributed.get_world_size()  # fmt: skip
         torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
         loss, grads = flat[0], [g.view_as(p) for g, p in zip(flat[1:].split([p.numel() for p in params]), params)]
     norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
     loss, norm = float(loss), float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -76,74 +228,9 @@ def flow_matching_step(cnf: pf.FFJORD, x: torch.Tensor, optimizer: pyro.optim.Py
     return update(loss.detach(), [p for p in cnf.parameters() if p.requires_grad], optimizer)
 
 
-class Processes(NamedTuple):
-    """Where this process stands in a (possibly single-process) data-parallel run; rank 0 writes the files."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-
-def batch_seed(seed: int, step: int, procs: Processes) -> int:
-    """One seed per (run, step, process): each process draws its own batch and noise at each step."""
-    return (seed * 1_000_003 + step) * procs.world_size + procs.rank
-
-
-def train_batches(n: int, batch_size: int, seed: int, step: int, procs: Processes) -> torch.Tensor:
-    """Row indices of this process's batch at ``step``: epoch-wise seeded shuffles (a resumed run sees the same
-    batches), the consecutive batches of a shuffle going to consecutive processes."""
-    epoch, i = divmod(step * procs.world_size + procs.rank, max(n // batch_size, 1))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[i * batch_size : (i + 1) * batch_size]
-
-
-def resuming(args: argparse.Namespace, checkpoint: Path, later_model: bool) -> bool:
-    """Whether a model resumes from ``checkpoint`` under ``--resume``: not a later model of a run of several
-    that had not started when the run stopped (it has no checkpoint yet, so it starts afresh)."""
-    return args.resume and not (later_model and not checkpoint.is_file())
-
-
-@contextlib.contextmanager
-def processes(args: argparse.Namespace) -> Iterator[Processes]:
-    """The device (with clear errors), CPU threads, and with ``--distributed`` the process group of ``torchrun``
-    (NCCL on CUDA, each process on ``cuda:$LOCAL_RANK``; Gloo on CPU), left at the end."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {args.device}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine")
-    if not args.distributed:
-        yield Processes(0, 1, device)
-        return
-    if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("error: --distributed: start the script with torchrun (torchrun --nproc_per_node=2 ...)")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def in_sync(module: torch.nn.Module) -> bool:
-    """Whether every process holds exactly the same parameters (True without ``torchrun``)."""
-    if not torch.distributed.is_initialized():
-        return True
-    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
-    low, high = flat.clone(), flat.clone()
-    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
-    return torch.equal(low, high)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path`` (with the user's permissions), syncs it and renames
-    it over ``path``: a crash leaves the old or the new file, never a truncated one."""
+    """Writes ``data`` to a temporary file beside ``path`` (with the user's permissions), syncs it and renames it
+    over ``path``: a crash leaves the old or the new file, never a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -160,83 +247,15 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(obj, indent=2).encode())
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]], append: bool = False) -> None:
-    """Writes ``rows`` (dicts with the same keys) under a header, atomically, or appends them."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    if not append:
-        writer.writeheader()
-    writer.writerows(rows)
-    if append:
-        with open(path, "a", newline="") as f:
-            f.write(text.getvalue())
-    else:
-        atomic_write(path, text.getvalue().encode())
-
-
-def _rng_state() -> dict[str, Any]:
-    """The RNGs the examples draw from (torch's; the data pipelines use their own seeded generators)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: pyro.optim.PyroOptim) -> dict[str, Any]:
-    """Restores the module, the optimizer and the RNGs from ``path``; returns the checkpoint.
-
-    Read with ``torch.load(weights_only=True)``: tensors and plain containers only, so that a checkpoint from
-    elsewhere cannot run code."""
-    if not path.is_file():
-        raise SystemExit(f"error: --resume: no checkpoint at {path}")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = found.group(1) if found else "?"
-        raise SystemExit(
-            f"error: --resume: {path} holds a pickled Python object ({what}): only tensors and plain data are loaded"
-        ) from None
-    except Exception as e:  # truncated, another format...: what torch.load raises varies
-        raise SystemExit(f"error: --resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    current = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    for name, tensor in saved["module"].items():
-        if tuple(tensor.shape) != current.get(name):
-            raise SystemExit(
-                f"error: --resume: {path} holds another model: {name} has shape {tuple(tensor.shape)} there and "
-                f"{current.get(name, 'is absent')} here; resume with the flags it was trained with"
-            )
-    module.load_state_dict(saved["module"])
-    optimizer.set_state(saved["optimizer"])
-    _set_rng_state(saved["rng"])
-    return saved
-
-
-def resume_command() -> str:
-    """This run's command line with ``--resume``."""
-    return shlex.join(["python", sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
-
-
-def training_state() -> dict[str, Any]:
-    """What :meth:`Trainer.run` checkpoints: the log rows, the training seconds and the stop flag."""
-    return {"log": [], "seconds": 0.0, "stopped": False}
-
-
-def early_stopping_state(module: torch.nn.Module) -> dict[str, Any]:
-    """A :func:`training_state` with the validations and the best module so far."""
-    best = copy.deepcopy(module.state_dict())
-    return {**training_state(), "val": [], "best_val": math.inf, "best_at": 0, "best_module": best, "bad_evals": 0}
+def early_stopping(module: torch.nn.Module) -> dict[str, Any]:
+    """The extra :class:`Trainer` state of early stopping: the validations and the best parameters so far."""
+    return {"val": [], "best_val": math.inf, "best_at": 0, "best_module": copy.deepcopy(module.state_dict()),
+            "bad_evals": 0}  # fmt: skip
 
 
 def record_validation(state: dict, at: int, value: float, module: torch.nn.Module, patience: int, count=True) -> None:
-    """Early stopping: records validation loss ``value`` at ``at``, keeps the best module's state, and sets
-    ``state["stopped"]`` after ``patience`` counted validations without improvement."""
+    """Records validation loss ``value`` at ``at``, keeps the best parameters, and sets ``state["stopped"]`` after
+    ``patience`` counted validations without improvement."""
     if not math.isfinite(value):
         raise NonFiniteError(f"the validation loss is {value}")
     state["val"].append((at, value))
@@ -254,34 +273,83 @@ def _fault(error: BaseException | None) -> BaseException | None:
     return error
 
 
+def _resume_command() -> str:
+    return shlex.join(["python", sys.argv[0], *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
+
+
 class Trainer:
     """Runs training steps so that nothing is lost.
 
-    The checkpoint (``torch.save`` to a temporary file, then ``os.replace``) holds the module's state dict,
-    the optimizer's state (``PyroOptim.get_state``), the RNGs and the example's ``state`` (log rows, training
-    seconds, early stopping...); a resumed run continues bit for bit. A step whose solve fails or whose loss
-    or gradient is non-finite changes nothing (:func:`update`): the run stops with a checkpoint of the
-    state before it (after its update, when its validation loss is non-finite). The first SIGINT/SIGTERM
-    ends the current step, checkpoints and exits; a second one acts at once. Only rank 0 (``writer``) writes.
+    The checkpoint ``<out>/checkpoint.pt`` (``torch.save`` to a temporary file, then ``os.replace``) holds the
+    module's state dict, the optimizer's state (``PyroOptim.get_state``), torch's RNG states and ``state``
+    (the log rows, training seconds, early stopping...); a resumed run continues bit for bit, and ``log.csv``
+    beside it holds the same rows. A step whose solve fails or whose loss or gradient is non-finite changes
+    nothing (:func:`update`): the run stops with a checkpoint of the state before it. The first SIGINT/SIGTERM
+    ends the current step, checkpoints and exits; a second one acts at once. Only rank 0 writes.
     """
 
-    def __init__(self, path: Path, module: torch.nn.Module, optimizer, state: dict, resume: bool, writer: bool = True):
-        """Starts from ``state`` at step 0, or with ``resume`` from the checkpoint at ``path``."""
-        self.path, self.module, self.optimizer, self.writer = path, module, optimizer, writer
-        saved = load_checkpoint(path, module, optimizer) if resume else {"step": 0, "state": state, "optimizer": {}}
-        self.start, self.state = saved["step"], saved["state"]
+    def __init__(self, args, module: torch.nn.Module, optimizer, procs: Processes, num_steps: int, **state) -> None:
+        """Starts at step 0 with ``state`` added to the log, or with ``--resume`` from the checkpoint."""
+        self.path, self.module, self.optimizer = Path(args.out) / "checkpoint.pt", module, optimizer
+        self.writer, self.signum = procs.rank == 0, None
+        start = {"step": 0, "optimizer": {}, "state": {"log": [], "seconds": 0.0, "stopped": False, **state}}
+        saved = self._load() if args.resume else start
+        self.start, self.state, self.num_steps = saved["step"], saved["state"], num_steps
         # states set by ``PyroOptim.set_state`` are reported by ``get_state`` only once their parameters step
         self.optimizer_state = saved["optimizer"]
-        self.signum: int | None = None
+        self.bar = tqdm(initial=self.start, total=num_steps, disable=args.no_progress or not self.writer)
+
+    def _load(self) -> dict[str, Any]:
+        """The checkpoint, read with ``weights_only=True`` (tensors and plain data: it cannot run code)."""
+        path = self.path
+        if not path.is_file():
+            raise SystemExit(f"error: --resume: no checkpoint at {path}")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise SystemExit(f"error: --resume: {path} holds a pickled Python object ({what and what.group(1)}): "
+                             "only tensors and plain data are loaded") from None  # fmt: skip
+        except Exception as e:  # truncated, another format...: what torch.load raises varies
+            raise SystemExit(
+                f"error: --resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})"
+            ) from None
+        try:
+            self.module.load_state_dict(saved["module"])
+        except RuntimeError as e:
+            why = str(e).splitlines()[1].strip()
+            raise SystemExit(f"error: --resume: {path} holds another model ({why}); resume with its flags") from None
+        self.optimizer.set_state(saved["optimizer"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        return saved
 
     def save(self, step: int) -> None:
-        if self.writer:
-            self.optimizer_state = {**self.optimizer_state, **self.optimizer.get_state()}
-            checkpoint = {"step": step, "module": self.module.state_dict(), "optimizer": self.optimizer_state,
-                          "rng": _rng_state(), "state": self.state}  # fmt: skip
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            atomic_write(self.path, buffer.getvalue())
+        if not self.writer:
+            return
+        self.optimizer_state = {**self.optimizer_state, **self.optimizer.get_state()}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint = {"step": step, "module": self.module.state_dict(), "optimizer": self.optimizer_state, "rng": rng,
+                      "state": self.state}  # fmt: skip
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(self.path, buffer.getvalue())
+
+    def _log(self, rows: list[dict[str, Any]], append: bool) -> None:
+        """Appends ``rows`` to ``log.csv``, or rewrites it with them (atomically) under a header."""
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        if not append:
+            writer.writeheader()
+        writer.writerows(rows)
+        if append:
+            with open(self.path.with_name("log.csv"), "a", newline="") as f:
+                f.write(text.getvalue())
+        else:
+            atomic_write(self.path.with_name("log.csv"), text.getvalue().encode())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # the second signal acts at once
@@ -291,45 +359,43 @@ class Trainer:
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
-    def run(self, num_steps: int, train_step, report, checkpoint_due) -> dict[str, Any]:
-        """Runs ``loss = train_step(step, state)`` then ``report(step, loss, state)`` for steps :attr:`start` to
-        ``num_steps`` or until ``state["stopped"]``; checkpoints when ``checkpoint_due(step + 1)`` and at the end.
-        ``state["seconds"]`` accumulates the training time over resumes; the rows of ``state["log"]`` go to
-        ``log.csv`` beside the checkpoint as they come (a resumed run rewrites it from the checkpoint's rows)."""
-        state = self.state
-        log, logged = self.path.with_name("log.csv"), len(state["log"])
-        if self.writer:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            if logged:
-                write_csv(log, state["log"])
+    def run(self, train_step: Callable[[int, dict], dict], checkpoint_every: int) -> dict[str, Any]:
+        """Runs ``row = train_step(step, state)`` for steps :attr:`start` to :attr:`num_steps` or until
+        ``state["stopped"]``, logging each ``row`` (the step's numbers, its ``"loss"`` first) with the step and the
+        training seconds (summed over resumes) in ``state["log"]`` and ``log.csv`` (rewritten from the checkpoint's
+        rows on resume); checkpoints every ``checkpoint_every`` steps and at the end."""
+        state, step, num_steps = self.state, self.start, self.num_steps
+        if self.writer and state["log"]:
+            self._log(state["log"], append=False)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            started, step = time.time() - state["seconds"], self.start
+            started = time.time() - state["seconds"]
             while step < num_steps and not state["stopped"]:
                 try:
-                    loss = train_step(step, state)
+                    row = train_step(step, state)
                 except Exception as error:
-                    fault = _fault(error)
-                    if fault is None:
+                    if (fault := _fault(error)) is None:
                         raise
                     self.save(step)
                     raise SystemExit(
                         f"error: training stopped at step {step}: {type(fault).__name__}: {fault}. The last finite "
                         f"state is saved in {self.path}; try a smaller --lr, a larger --max-num-steps or looser "
-                        f"tolerances, and continue with: {resume_command()}"
+                        f"tolerances, and continue with: {_resume_command()}"
                     ) from None
                 state["seconds"] = time.time() - started
-                report(step, loss, state)
-                if self.writer and len(state["log"]) > logged:
-                    write_csv(log, state["log"][logged:], append=logged > 0)
-                    logged = len(state["log"])
+                state["log"].append({"step": step, **row, "seconds": state["seconds"]})
+                if self.writer:
+                    self._log(state["log"][-1:], append=len(state["log"]) > 1)
+                self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
+                self.bar.update()
                 step += 1
-                if checkpoint_due(step) or step == num_steps or state["stopped"] or self.signum is not None:
+                if step % checkpoint_every == 0 or step == num_steps or state["stopped"] or self.signum:
                     self.save(step)
                 if self.signum is not None:
-                    print(f"stopped after step {step - 1}; resume with: {resume_command()}", file=sys.stderr)
+                    print(f"stopped after step {step - 1}; resume with: {_resume_command()}", file=sys.stderr)
                     raise SystemExit(128 + self.signum)
         finally:
+            self.bar.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         return state
