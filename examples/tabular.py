@@ -23,7 +23,6 @@ hidden layers capped at 64 units. The paper's setting (its architecture, full da
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -207,7 +206,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         data = load_data(args)
         train, val, test = (torch.from_numpy(a).to(procs.device) for a in data.splits)
         gaussian = nll(dist.MultivariateNormal(train.mean(0), torch.cov(train.T, correction=0)), test, len(test))
-        print(f"{data.name}: D = {data.dim}, {len(train)}/{len(val)}/{len(test)} rows; {data.source or args.csv}")
+        print(f"{data.name}: D = {data.dim}, {len(train)}/{len(val)}/{len(test)} rows")
         pyro.clear_param_store()
         pyro.set_rng_seed(args.seed)
         try:
@@ -241,7 +240,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         state = trainer.run(train_step, args.checkpoint_every)
         flow.load_state_dict(state["best_module"])
         started = time.time()
-        with training.evaluation_solver(flow, args) if cnfs else contextlib.nullcontext():
+        with training.evaluation_solver(flow, args):
             test_nll, se = nll(flow.distribution(test), test, args.eval_batch_size)
         metrics = {
             "data": data.name,

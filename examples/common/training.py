@@ -112,9 +112,13 @@ def solver_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """Switches every CNF in ``module`` to the evaluation solver, for the ``with`` block."""
-    return pf.solver_settings(module, divergence=args.eval_divergence, method=args.eval_method, rtol=args.eval_rtol,
-                              atol=args.eval_atol, options=None, max_num_steps=args.eval_max_num_steps)  # fmt: skip
+    """Switches every CNF in ``module`` to the evaluation solver, for the ``with`` block (a module without CNFs,
+    such as a baseline flow, has nothing to switch)."""
+    if not any(isinstance(m, (pf.FFJORD, pf.ConditionalFFJORD, pf.MultiscaleFFJORD)) for m in module.modules()):
+        return contextlib.nullcontext()
+    settings = {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol, "options": None}
+    settings |= {"divergence": args.eval_divergence, "max_num_steps": args.eval_max_num_steps}
+    return pf.solver_settings(module, **settings)
 
 
 def flow_matching_now(args: argparse.Namespace, step: int, num_steps: int) -> bool:
@@ -195,9 +199,10 @@ def update(loss: torch.Tensor | float, params: list[torch.Tensor], optimizer: py
     grads = [p.grad for p in params]
     if torch.distributed.is_initialized():  # params come in the same order on every process
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        flat = torch.cat([torch.as_tensor(loss, dtype=grads[0].dtype, device=grads[0].device).reshape(1)]
-                         + [g.flatten() for g in grads]) / torch.distributed.get_world_size()  # fmt: skip
+        head = torch.as_tensor(loss, dtype=grads[0].dtype, device=grads[0].device).reshape(1)
+        flat = torch.cat([head, *(g.flatten() for g in grads)])
         torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
         loss, grads = flat[0], [g.view_as(p) for g, p in zip(flat[1:].split([p.numel() for p in params]), params)]
     norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
     loss, norm = float(loss), float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -249,8 +254,13 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def early_stopping(module: torch.nn.Module) -> dict[str, Any]:
     """The extra :class:`Trainer` state of early stopping: the validations and the best parameters so far."""
-    return {"val": [], "best_val": math.inf, "best_at": 0, "best_module": copy.deepcopy(module.state_dict()),
-            "bad_evals": 0}  # fmt: skip
+    return {
+        "val": [],
+        "best_val": math.inf,
+        "best_at": 0,
+        "best_module": copy.deepcopy(module.state_dict()),
+        "bad_evals": 0,
+    }
 
 
 def record_validation(state: dict, at: int, value: float, module: torch.nn.Module, patience: int, count=True) -> None:
@@ -308,17 +318,22 @@ class Trainer:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            raise SystemExit(f"error: --resume: {path} holds a pickled Python object ({what and what.group(1)}): "
-                             "only tensors and plain data are loaded") from None  # fmt: skip
+            raise SystemExit(
+                f"error: --resume: {path} holds a pickled Python object ({what and what.group(1)}): "
+                "only tensors and plain data are loaded"
+            ) from None
         except Exception as e:  # truncated, another format...: what torch.load raises varies
             raise SystemExit(
                 f"error: --resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})"
             ) from None
-        try:
-            self.module.load_state_dict(saved["module"])
-        except RuntimeError as e:
-            why = str(e).splitlines()[1].strip()
-            raise SystemExit(f"error: --resume: {path} holds another model ({why}); resume with its flags") from None
+        there, here = ({k: tuple(v.shape) for k, v in d.items()} for d in (saved["module"], self.module.state_dict()))
+        if there != here:
+            name = min(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
+            raise SystemExit(
+                f"error: --resume: {path} holds another model: {name} has shape {there.get(name)} there "
+                f"and {here.get(name)} here; resume with the flags it was trained with"
+            )
+        self.module.load_state_dict(saved["module"])
         self.optimizer.set_state(saved["optimizer"])
         torch.set_rng_state(saved["rng"]["torch"])
         if "cuda" in saved["rng"] and torch.cuda.is_available():
@@ -332,8 +347,13 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint = {"step": step, "module": self.module.state_dict(), "optimizer": self.optimizer_state, "rng": rng,
-                      "state": self.state}  # fmt: skip
+        checkpoint = {
+            "step": step,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer_state,
+            "rng": rng,
+            "state": self.state,
+        }
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(self.path, buffer.getvalue())
