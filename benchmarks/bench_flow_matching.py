@@ -252,10 +252,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-TASK_DEFAULTS = {  # width, depth, step sizes, batch, train rows, test rows
-    "toy": dict(width=64, depth=3, lr=5e-3, fm_lr=5e-3, batch_size=512, num_train=200_000, num_test=20_000),
-    "power": dict(width=256, depth=3, lr=1e-3, fm_lr=3e-3, batch_size=1024, num_train=0, num_test=20_000),
-    "bsds300": dict(width=512, depth=3, lr=1e-3, fm_lr=3e-3, batch_size=256, num_train=200_000, num_test=1_000),
+TASK_DEFAULTS = {  # width, depth, step sizes, batch, rk4 steps of likelihood training, train rows, test rows
+    "toy": dict(
+        width=64, depth=3, lr=5e-3, fm_lr=5e-3, batch_size=512, train_steps=8, num_train=200_000, num_test=20_000
+    ),
+    "power": dict(
+        width=256, depth=3, lr=1e-3, fm_lr=3e-3, batch_size=1024, train_steps=4, num_train=0, num_test=20_000
+    ),
+    "bsds300": dict(
+        width=512, depth=3, lr=1e-3, fm_lr=3e-3, batch_size=256, train_steps=4, num_train=200_000, num_test=1_000
+    ),
 }
 
 
@@ -271,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="Adam step size of maximum-likelihood training")
     parser.add_argument("--fm-lr", type=float, default=None, help="Adam step size of flow matching")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--train-steps", type=int, default=4, help="rk4 steps over t in [0, 1] for ml training")
+    parser.add_argument("--train-steps", type=int, default=None, help="rk4 steps over t in [0, 1] for ml training")
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--num-test", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=500)
