@@ -134,7 +134,7 @@ class Solution(NamedTuple):
     """What one solve returns."""
 
     y: Tensor  # the flowed states (N, D)
-    logdet: Tensor  # log|det dy/dx| (N,)
+    logdet: Tensor | None  # log|det dy/dx| (N,); None for a solve of the states alone
     penalty: Tensor | None  # weighted RNODE terms per sample (N,); None when not regularized
     evaluations: _Evaluations
 
@@ -151,6 +151,7 @@ def _evaluation(
     noise: Tensor | None,
     map_jacobian: bool,
     regularize: bool,
+    density: bool = True,
 ) -> Evaluate:
     r"""The trace strategy of one solve: ``evaluate(t, state, folded) -> (f, d(state[1])/dt, Jacobian rows)``.
 
@@ -159,8 +160,15 @@ def _evaluation(
     net. Runge-Kutta steps commute with this linearization, so after a fixed-grid solve it is the Jacobian of the
     numerical map itself. Otherwise it is the log-density change, the exact trace (``noise`` None) or
     Hutchinson's, in forward mode where the net propagates tangents (no double backward), else by autograd.
+    Without ``density``, the field alone: the second state stays zero.
     """
     extra = () if context is None else (context,)
+    if not density:
+
+        def evaluate(t: Tensor, state: tuple[Tensor, ...], folded: Any) -> tuple[Tensor, Tensor, Tensor]:
+            return net(t, state[0], *extra), torch.zeros_like(state[1]), None
+
+        return evaluate
     if forward_and_jacobian is None:
 
         def evaluate(t: Tensor, state: tuple[Tensor, ...], folded: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -356,7 +364,9 @@ class ContinuousFlow(nn.Module):
             options["grid_constructor"] = grid_constructor
         return options
 
-    def forward(self, x: Tensor, context: Tensor | None = None, reverse: bool = False, exact: bool = False) -> Solution:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, reverse: bool = False, exact: bool = False, density: bool = True
+    ) -> Solution:
         """Flows ``x`` from t=0 to t=T (from T to 0 if ``reverse``).
 
         Args:
@@ -364,6 +374,8 @@ class ContinuousFlow(nn.Module):
             context: shape ``(N, C)`` or None.
             reverse: integrate backward in time.
             exact: the exact divergence whatever ``divergence`` says (a deterministic log-determinant).
+            density: integrate the log-determinant (and RNODE penalties); without it the states alone, a solve
+                that costs the net's evaluations only (its ``logdet`` is None).
 
         Returns:
             The flowed states, :math:`\\log|\\det \\partial y / \\partial x|`, the RNODE penalty per sample and
@@ -376,8 +388,8 @@ class ContinuousFlow(nn.Module):
         # over [0, T] as it is, which keeps torchdiffeq's step-size heuristics in the units of t.
         rescaled = self.log_T.requires_grad
         end = 1.0 if rescaled else T_value
-        regularize = bool(self.regularization) and torch.is_grad_enabled()
-        noise = sample_noise(x, s.noise) if s.divergence == "hutchinson" and not exact else None
+        regularize = bool(self.regularization) and torch.is_grad_enabled() and density
+        noise = sample_noise(x, s.noise) if density and s.divergence == "hutchinson" and not exact else None
         evaluations = _Evaluations()
 
         def fail(what: str) -> ODESolveError:
@@ -398,8 +410,8 @@ class ContinuousFlow(nn.Module):
         forward_and_jacobian = getattr(type(self.net), "forward_and_jacobian", None)
         if compiled is not None and not whole:
             forward_and_jacobian = compiled[0]
-        map_jacobian = lean and noise is None and forward_and_jacobian is not None
-        evaluate = _evaluation(self.net, forward_and_jacobian, context, noise, map_jacobian, regularize)
+        map_jacobian = density and lean and noise is None and forward_and_jacobian is not None
+        evaluate = _evaluation(self.net, forward_and_jacobian, context, noise, map_jacobian, regularize, density)
         # An adaptive solve must stop at the first non-finite evaluation (its step control would spin on NaNs);
         # a fixed grid's NaN reaches the final state, checked once: that spares a device synchronization per step.
         check_each = not s.fixed_grid
@@ -423,8 +435,8 @@ class ContinuousFlow(nn.Module):
 
         zeros = x.new_zeros(x.shape[0])
         d = x.shape[-1]
-        density = torch.eye(d).to(x).expand(x.shape[0], d, d) if map_jacobian else zeros
-        state = (x, density, zeros, zeros) if regularize else (x, density)
+        log_density = torch.eye(d).to(x).expand(x.shape[0], d, d) if map_jacobian else zeros  # or the map's Jacobian
+        state = (x, log_density, zeros, zeros) if regularize else (x, log_density)
         if lean:
             num_steps = self._num_steps(T_value / s.options["step_size"], fail)
             step = end * s.options["step_size"] / T_value  # in units of the solve's time
@@ -432,7 +444,8 @@ class ContinuousFlow(nn.Module):
             grid = [start + sign * k * step for k in range(num_steps)] + [stop]  # as step_grid
             times = torch.tensor(stage_times(grid, s.method), dtype=T.dtype, device=T.device)
             times = times * T if rescaled else times
-            fold_time = getattr(self.net, "fold_time", None)
+            # the folded time terms feed forward_and_jacobian, which a solve of the states alone does not call
+            fold_time = getattr(self.net, "fold_time", None) if density else None
             folded = None if fold_time is None else fold_time(times)
             times = times.unbind(0)
             final = (compiled[1] if whole else integrate_fixed_grid)(
@@ -465,7 +478,8 @@ class ContinuousFlow(nn.Module):
         y, logdet = final[:2]
         if map_jacobian:
             logdet = torch.linalg.slogdet(logdet).logabsdet
-        if not (torch.isfinite(y).all() and torch.isfinite(logdet).all()):
+        logdet = logdet if density else None
+        if not (torch.isfinite(y).all() and (logdet is None or torch.isfinite(logdet).all())):
             raise fail("produced non-finite values")
         penalty = None
         if regularize:  # integrated backward in time, the penalty states accumulate with a negative sign

@@ -340,12 +340,13 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
 
     @staticmethod
     def _integrate(
-        flows: Sequence[ContinuousFlow], h: Tensor, logdet: Tensor, reverse: bool, solutions: list[Solution]
-    ) -> tuple[Tensor, Tensor]:
+        flows: Sequence[ContinuousFlow], h: Tensor, logdet: Tensor | None, reverse: bool, solutions: list[Solution]
+    ) -> tuple[Tensor, Tensor | None]:
+        """``h`` through ``flows``, adding their log-determinants to ``logdet`` (None: the states alone)."""
         for flow in reversed(flows) if reverse else flows:
-            solution = flow(h.flatten(1), reverse=reverse)
+            solution = flow(h.flatten(1), reverse=reverse, density=logdet is not None)
             solutions.append(solution)
-            h, logdet = solution.y.reshape(h.shape), logdet + solution.logdet
+            h, logdet = solution.y.reshape(h.shape), None if logdet is None else logdet + solution.logdet
         return h, logdet
 
     def _to_base(self, x: Tensor, solutions: list[Solution]) -> tuple[Tensor, Tensor]:
@@ -360,10 +361,10 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
                 parts.append(out.flatten(1))
         return torch.cat([*parts, h.flatten(1)], dim=1), logdet
 
-    def _to_data(self, z: Tensor, solutions: list[Solution]) -> tuple[Tensor, Tensor]:
+    def _to_data(self, z: Tensor, solutions: list[Solution], density: bool) -> tuple[Tensor, Tensor | None]:
         parts = z.split([math.prod(shape) for shape in self.out_shapes], dim=1)
         h = parts[-1].reshape(-1, *self.out_shapes[-1])
-        logdet = z.new_zeros(z.shape[0])
+        logdet = z.new_zeros(z.shape[0]) if density else None
         for scale in reversed(range(len(self.pre))):
             if scale < len(self.post):
                 h = torch.cat([h, parts[scale].reshape(-1, *self.out_shapes[scale])], dim=1)
@@ -371,9 +372,11 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
                 h = self.squeeze.inv(h)
             h, logdet = self._integrate(self.pre[scale], h, logdet, True, solutions)
         x = self.logit.inv(h)
-        return x, logdet - self.logit.log_abs_det_jacobian(x, h)
+        return x, None if logdet is None else logdet - self.logit.log_abs_det_jacobian(x, h)
 
-    def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor, tuple[Solution, ...]]:
+    def _solve(
+        self, value: Tensor, name: str, reverse: bool, density: bool = True
+    ) -> tuple[Tensor, Tensor | None, tuple[Solution, ...]]:
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if value.dim() < 3 or tuple(value.shape[-3:]) != self.input_shape:
@@ -386,10 +389,10 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         batch = value.shape[:-3]
         flat = value.reshape(-1, *self.input_shape)
         if flat.shape[0] == 0:
-            return value.clone(), value.new_zeros(batch), ()
+            return value.clone(), value.new_zeros(batch) if density else None, ()
         solutions: list[Solution] = []
-        out, logdet = self._to_data(flat.flatten(1), solutions) if reverse else self._to_base(flat, solutions)
-        return out.reshape(value.shape), logdet.reshape(batch), tuple(solutions)
+        out, logdet = self._to_data(flat.flatten(1), solutions, density) if reverse else self._to_base(flat, solutions)
+        return out.reshape(value.shape), None if logdet is None else logdet.reshape(batch), tuple(solutions)
 
     @property
     def T(self) -> Tensor:

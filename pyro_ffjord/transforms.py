@@ -82,7 +82,7 @@ class _TensorState:
 
 
 class _SolveRecord(NamedTuple):
-    log_abs_det: Tensor  # log|det d data / d base|
+    log_abs_det: Tensor | None  # log|det d data / d base|; None after a solve of the states alone
     solutions: tuple[Solution, ...]  # what each CNF's solve returned
     settings: tuple  # grad mode and solver settings of the solve
     state: _TensorState  # base, data, then the tensors of _CNFTransform._read
@@ -121,7 +121,7 @@ class _CNFTransform:
     def _settings(self) -> tuple:
         return torch.is_grad_enabled(), self._exact, tuple(f.settings for f in self._flows())
 
-    def _record_solve(self, base: Tensor, data: Tensor, log_abs_det: Tensor, solutions: tuple) -> _SolveRecord:
+    def _record_solve(self, base: Tensor, data: Tensor, log_abs_det: Tensor | None, solutions: tuple) -> _SolveRecord:
         state = _TensorState((base, data, *self._read()))
         self._record = _SolveRecord(log_abs_det, solutions, self._settings(), state)
         return self._record
@@ -133,22 +133,27 @@ class _CNFTransform:
         now = (record.base if base is None else base, record.data if data is None else data, *self._read())
         return record if record.state.unchanged(now) else None
 
-    def _solve(self, value: Tensor, name: str, reverse: bool) -> tuple[Tensor, Tensor, tuple[Solution, ...]]:
-        """The flowed ``value``, the log-determinant and the solutions of the CNFs that ran."""
+    def _solve(
+        self, value: Tensor, name: str, reverse: bool, density: bool = True
+    ) -> tuple[Tensor, Tensor | None, tuple[Solution, ...]]:
+        """The flowed ``value``, the log-determinant (None without ``density``) and the solutions of the CNFs."""
         flow = self._flow
         value = _check_tensor(name, value, flow.input_dim, flow.log_T)
         batch, flat, context = _flatten_batch(name, value, self._context)
         if flat.shape[0] == 0:
             out, logdet, solutions = flat.clone(), flat.new_zeros(0), ()
         else:
-            solution = flow(flat, context, reverse=reverse, exact=self._exact)
+            solution = flow(flat, context, reverse=reverse, exact=self._exact, density=density)
             out, logdet, solutions = solution.y, solution.logdet, (solution,)
-        return out.reshape(batch + value.shape[-1:]), logdet.reshape(batch), solutions
+        logdet = logdet.reshape(batch) if density else None
+        return out.reshape(batch + value.shape[-1:]), logdet, solutions
 
     def _call(self, z: Tensor) -> Tensor:
         record = self._lookup(base=z)
         if record is None:
-            x, logdet, solutions = self._solve(z, "z", reverse=True)
+            # Without gradients, a sample is mostly drawn to be used, not scored (Predictive, plots): the states
+            # alone cost the net's evaluations only, against D + 1 of them for the exact trace.
+            x, logdet, solutions = self._solve(z, "z", reverse=True, density=torch.is_grad_enabled())
             record = self._record_solve(z, x, logdet, solutions)
         return record.data
 
@@ -162,9 +167,12 @@ class _CNFTransform:
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         r""":math:`\log|\det \partial x / \partial z|` (base ``z`` → data ``x``), cached from the solve."""
         record = self._lookup(data=x) or self._lookup(base=z)
-        if record is None:
-            self._call(z)
-            record = self._record
+        if record is None or record.log_abs_det is None:
+            # not solved, or solved for the states alone: solved again with the log-determinant, the record keeping
+            # the data tensor already handed out (a grid gives the same states; an adaptive solve, within tolerance)
+            base = z if record is None else record.base
+            data, logdet, solutions = self._solve(base, "z", reverse=True)
+            record = self._record_solve(base, data if record is None else record.data, logdet, solutions)
         return record.log_abs_det
 
     @property

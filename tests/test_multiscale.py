@@ -122,6 +122,20 @@ def test_one_solve_per_block_and_no_stale_cache(monkeypatch):
     assert len(calls) == 12
 
 
+def test_no_grad_samples_solve_the_states_alone(float64):
+    """Image samples drawn without gradients skip every block's trace; their density, asked for later, is the
+    density of the same images solved afresh."""
+    t = multiscale(divergence="exact", adjoint=False, **FAST)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 4, 4), 1.0).to_event(3), [t])
+    with torch.no_grad():
+        x = d.sample((3,))
+        assert all(solution.logdet is None for solution in t.solutions) and len(t.solutions) == len(t.flows)
+        log_p = d.log_prob(x)
+    torch.testing.assert_close(
+        log_p, dist.TransformedDistribution(d.base_dist, [deepcopy(t)]).log_prob(x.clone()).detach()
+    )
+
+
 def test_solver_settings_and_regularization_reach_every_block():
     t = multiscale(**FAST, regularization={"kinetic": 0.1, "jacobian": 0.1})
     with pf.solver_settings(t, method="dopri5", options=None):

@@ -250,6 +250,39 @@ def test_no_grad_sampling_and_evaluation():
     assert d.log_prob(x).requires_grad
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_grad_samples_solve_the_states_alone_and_score_them_on_demand(float64, kind, monkeypatch):
+    """Without gradients a sample solves the states only (no trace); asked for its log-determinant afterwards, the
+    transform solves again with it, and both equal the solve with gradients (a fixed grid: the same map)."""
+    t, _ = make(kind, divergence="exact", adjoint=False, **FAST)
+    z = torch.randn(4, 3)
+    x_grad = t(z)
+    log_det_grad = t.log_abs_det_jacobian(z, x_grad)
+    solves = _SolveCounter(monkeypatch)
+    with torch.no_grad():
+        z_sampled = z.clone()
+        x = t(z_sampled)
+        assert solves.count == 1 and t.solutions[0].logdet is None
+        assert torch.allclose(x, x_grad, rtol=1e-12, atol=1e-12)
+        log_det = t.log_abs_det_jacobian(z_sampled, x)
+        assert solves.count == 2 and t.solutions[0].logdet is not None
+        assert t.log_abs_det_jacobian(z_sampled, x) is log_det and solves.count == 2  # now cached
+        assert t.inv(x) is z_sampled  # the record keeps the sample it handed out
+    torch.testing.assert_close(log_det, log_det_grad.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_det, brute_force_log_abs_det(t, z), rtol=1e-7, atol=1e-8)
+
+
+def test_no_grad_sample_then_log_prob_is_the_density_of_the_sample(float64):
+    t, _ = make("ffjord", divergence="exact", adjoint=False, **TIGHT)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    with torch.no_grad():
+        x = d.sample((5,))
+        log_p = d.log_prob(x)
+        assert t.solutions[0].logdet is not None
+    fresh = dist.TransformedDistribution(d.base_dist, [copy.deepcopy(t)]).log_prob(x.clone())  # solved from x
+    torch.testing.assert_close(log_p, fresh.detach(), rtol=1e-7, atol=1e-7)
+
+
 @pytest.mark.parametrize("adjoint", [True, False])
 def test_train_T_learns(adjoint):
     t = pf.ffjord(3, hidden_dims=(8,), T=0.5, train_T=True, adjoint=adjoint, **FAST)
