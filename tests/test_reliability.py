@@ -86,6 +86,14 @@ def test_tabular_budget_fault_stops_with_a_good_checkpoint(tmp_path):
     assert state["step"] == 0 and state["state"]["log"] == []
 
 
+def test_evaluation_budget_fault_is_one_clear_error_after_training_is_saved(tmp_path):
+    result = run_example("toy_2d.py", [*TOY, "-n", "1", "--eval-max-num-steps", "1", "--out", str(tmp_path)])
+    assert result.returncode == 1
+    message = error_paragraph(result.stderr)
+    assert "an evaluation solve failed" in message and "max_num_steps=1" in message and "--eval-rtol" in message
+    assert load_finite_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+
+
 def test_toy_sigterm_checkpoints_and_resumes_to_the_same_result(tmp_path):
     """SIGTERM mid-training: the step finishes, a checkpoint is written (none was due), --resume matches."""
     args = [*TOY, "-n", "40", "--checkpoint-every", "1000", "--data", "checkerboard"]

@@ -106,7 +106,10 @@ def solver_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "method": args.method,
         "options": None if args.method in ADAPTIVE_STAGES else {"step_size": args.step_size},
-        **{"rtol": args.rtol, "atol": args.atol, "max_num_steps": args.max_num_steps, "adjoint": args.adjoint},
+        "rtol": args.rtol,
+        "atol": args.atol,
+        "max_num_steps": args.max_num_steps,
+        "adjoint": args.adjoint,
         "compile": {"backend": args.compile} if args.compile else False,
     }
 
@@ -146,19 +149,22 @@ def processes(args: argparse.Namespace) -> Iterator[Processes]:
         raise SystemExit(f"error: --device {args.device}: expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine")
-    if not args.distributed:
-        yield Processes(0, 1, device)
-        return
-    if "LOCAL_RANK" not in os.environ:
-        raise SystemExit("error: --distributed: start the script with torchrun (torchrun --nproc_per_node=2 ...)")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    procs = Processes(0, 1, device)
+    if args.distributed:
+        if "LOCAL_RANK" not in os.environ:
+            raise SystemExit("error: --distributed: start the script with torchrun (torchrun --nproc_per_node=2 ...)")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        procs = Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
     try:
-        yield Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
+        yield procs
+    except pf.ODESolveError as e:  # a training solve's failure stops in Trainer.run: this is an evaluation's
+        raise SystemExit(f"error: an evaluation solve failed ({e}); try larger --eval-rtol/--eval-atol") from None
     finally:
-        torch.distributed.destroy_process_group()
+        if args.distributed:
+            torch.distributed.destroy_process_group()
 
 
 def batch_seed(seed: int, step: int, procs: Processes) -> int:
