@@ -187,7 +187,7 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     )
     elbo, params = Trace_ELBO(), list(flow.parameters())
     pyro.module("flow", flow)
-    trainer = training.Trainer(args, flow, scheduler, procs, args.num_steps)
+    trainer = training.Trainer(args, flow, scheduler, procs)
 
     def train_step(step: int, state: dict) -> dict:
         seed = training.batch_seed(args.seed, step, procs)
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
         scheduler.step()
         return {"loss": value, "bits_per_dim": bits_per_dim, "nfe": flow.nfe.forward}
 
-    state = trainer.run(train_step, args.checkpoint_every)
+    state = trainer.run(train_step, args.num_steps, args.checkpoint_every)
 
     with training.evaluation_solver(flow, args):
         eval_started = time.time()

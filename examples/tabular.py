@@ -215,11 +215,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: invalid {args.model} settings: {e}") from None
         optimizer, elbo, cnfs = pyro.optim.Adam({"lr": args.lr}), Trace_ELBO(), flow.cnfs()
         pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
-        trainer = training.Trainer(args, flow, optimizer, procs, args.num_steps, **training.early_stopping(flow))
+        trainer = training.Trainer(args, flow, optimizer, procs, **training.early_stopping(flow))
 
         def train_step(step: int, state: dict[str, Any]) -> dict[str, Any]:
             """One step; when due, the validation loss: the NLL, or the fm loss (fm+ml's first ml step resets it)."""
-            x = train[training.train_batches(len(train), args.batch_size, args.seed, step, procs).to(train.device)]
+            x = training.train_batch(train, args.batch_size, args.seed, step, procs)
             matching = bool(cnfs) and training.flow_matching_now(args, step, args.num_steps)
             if cnfs and not matching and training.flow_matching_now(args, step - 1, args.num_steps):
                 state.update(best_val=math.inf, bad_evals=0)
@@ -237,7 +237,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             T_mean = sum(c.T.item() for c in cnfs) / len(cnfs) if cnfs else ""
             return {"loss": loss, "val_loss": value, "nfe_forward": sum(c.nfe.forward for c in cnfs), "T": T_mean}
 
-        state = trainer.run(train_step, args.checkpoint_every)
+        state = trainer.run(train_step, args.num_steps, args.checkpoint_every)
         flow.load_state_dict(state["best_module"])
         started = time.time()
         with training.evaluation_solver(flow, args):

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
     )
     elbo = Trace_ELBO()
     pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
-    trainer = training.Trainer(args, flow, scheduler, procs, args.num_steps)
+    trainer = training.Trainer(args, flow, scheduler, procs)
 
     def train_step(step: int, state: dict) -> dict:
         x = sample_toy(args.data, args.batch_size, seed=training.batch_seed(args.seed, step, procs)).float().to(device)
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
         scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
         return {"loss": loss, "nfe_forward": flow.parts[0].nfe.forward, "T": flow.parts[0].T.item()}
 
-    state = trainer.run(train_step, args.checkpoint_every)
+    state = trainer.run(train_step, args.num_steps, args.checkpoint_every)
     losses = [row["loss"] for row in state["log"]]
 
     with training.evaluation_solver(flow, args):

@@ -225,12 +225,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: invalid {args.posterior} posterior settings: {e}") from None
         optimizer, elbo = pyro.optim.Adamax({"lr": args.lr, "eps": 1e-7}), Trace_ELBO()
         steps_per_epoch = max(len(train) // (args.batch_size * procs.world_size), 1)  # an epoch over all processes
-        stopping = training.early_stopping(vae)
-        trainer = training.Trainer(args, vae, optimizer, procs, args.num_epochs * steps_per_epoch, **stopping)
+        trainer = training.Trainer(args, vae, optimizer, procs, **training.early_stopping(vae))
 
         def train_step(step: int, state: dict[str, Any]) -> dict[str, Any]:
             """One SVI step; at the end of an epoch, the validation -ELBO (training solver)."""
-            x = train[training.train_batches(len(train), args.batch_size, args.seed, step, procs).to(train.device)]
+            x = training.train_batch(train, args.batch_size, args.seed, step, procs)
             x = torch.bernoulli(x) if data.dynamic_binarization else x
             epoch, value = step // steps_per_epoch + 1, ""
             beta = min(epoch / args.warmup, 1.0) if args.warmup else 1.0
@@ -241,7 +240,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             nfe = sum(m.nfe.forward for m in vae.flows if isinstance(m, pf.ConditionalFFJORD))
             return {"loss": loss, "epoch": epoch, "beta": beta, "val_neg_elbo": value, "nfe": nfe}
 
-        state = trainer.run(train_step, steps_per_epoch)
+        state = trainer.run(train_step, args.num_epochs * steps_per_epoch, steps_per_epoch)
         vae.load_state_dict(state["best_module"])
         with training.evaluation_solver(vae, args):
             result = evaluate(vae, test, num_samples, args.eval_batch_size, chunk)

@@ -151,7 +151,7 @@ def _evaluation(
     noise: Tensor | None,
     map_jacobian: bool,
     regularize: bool,
-    density: bool = True,
+    density: bool,
 ) -> Evaluate:
     r"""The trace strategy of one solve: ``evaluate(t, state, folded) -> (f, d(state[1])/dt, Jacobian rows)``.
 

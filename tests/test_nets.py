@@ -94,7 +94,9 @@ def test_divergence_and_its_gradients_agree_with_the_autograd_fallback(
         context = torch.randn(5, context_dim) if context_dim else None
         noise = torch.randn(5, 3) if divergence == "hutchinson" else None
         forward_and_jacobian = None if wrap else pf.ODENet.forward_and_jacobian
-        evaluate = _evaluation(_OpaqueNet(net) if wrap else net, forward_and_jacobian, context, noise, False, True)
+        evaluate = _evaluation(
+            _OpaqueNet(net) if wrap else net, forward_and_jacobian, context, noise, False, True, True
+        )
         with torch.set_grad_enabled(grad):
             f, div, rows = evaluate(torch.tensor(0.2), (z, None), None)
         norm = rows.pow(2).sum((0, 2)) if divergence == "exact" else torch.zeros(())

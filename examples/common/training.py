@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import pyro_ffjord as pf
+from pyro_ffjord.dynamics import ContinuousFlow
 from pyro_ffjord.settings import ADAPTIVE_STAGES, METHOD_OPTIONS
 
 
@@ -117,7 +118,7 @@ def solver_options(args: argparse.Namespace) -> dict[str, Any]:
 def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> contextlib.AbstractContextManager:
     """Switches every CNF in ``module`` to the evaluation solver, for the ``with`` block (a module without CNFs,
     such as a baseline flow, has nothing to switch)."""
-    if not any(isinstance(m, (pf.FFJORD, pf.ConditionalFFJORD, pf.MultiscaleFFJORD)) for m in module.modules()):
+    if not any(isinstance(m, ContinuousFlow) for m in module.modules()):  # what pf.solver_settings switches
         return contextlib.nullcontext()
     settings = {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol, "options": None}
     settings |= {"divergence": args.eval_divergence, "max_num_steps": args.eval_max_num_steps}
@@ -172,12 +173,12 @@ def batch_seed(seed: int, step: int, procs: Processes) -> int:
     return (seed * 1_000_003 + step) * procs.world_size + procs.rank
 
 
-def train_batches(n: int, batch_size: int, seed: int, step: int, procs: Processes) -> torch.Tensor:
-    """Row indices of this process's batch at ``step``: epoch-wise seeded shuffles (a resumed run sees the same
+def train_batch(rows: torch.Tensor, batch_size: int, seed: int, step: int, procs: Processes) -> torch.Tensor:
+    """This process's batch of ``rows`` at ``step``: epoch-wise seeded shuffles (a resumed run sees the same
     batches), the consecutive batches of a shuffle going to consecutive processes."""
-    epoch, i = divmod(step * procs.world_size + procs.rank, max(n // batch_size, 1))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[i * batch_size : (i + 1) * batch_size]
+    epoch, i = divmod(step * procs.world_size + procs.rank, max(len(rows) // batch_size, 1))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return rows[order[i * batch_size : (i + 1) * batch_size].to(rows.device)]
 
 
 def in_sync(module: torch.nn.Module) -> bool:
@@ -304,16 +305,15 @@ class Trainer:
     ends the current step, checkpoints and exits; a second one acts at once. Only rank 0 writes.
     """
 
-    def __init__(self, args, module: torch.nn.Module, optimizer, procs: Processes, num_steps: int, **state) -> None:
+    def __init__(self, args, module: torch.nn.Module, optimizer, procs: Processes, **state) -> None:
         """Starts at step 0 with ``state`` added to the log, or with ``--resume`` from the checkpoint."""
         self.path, self.module, self.optimizer = Path(args.out) / "checkpoint.pt", module, optimizer
-        self.writer, self.signum = procs.rank == 0, None
+        self.writer, self.progress, self.signum = procs.rank == 0, not args.no_progress, None
         start = {"step": 0, "optimizer": {}, "state": {"log": [], "seconds": 0.0, "stopped": False, **state}}
         saved = self._load() if args.resume else start
-        self.start, self.state, self.num_steps = saved["step"], saved["state"], num_steps
+        self.start, self.state = saved["step"], saved["state"]
         # states set by ``PyroOptim.set_state`` are reported by ``get_state`` only once their parameters step
         self.optimizer_state = saved["optimizer"]
-        self.bar = tqdm(initial=self.start, total=num_steps, disable=args.no_progress or not self.writer)
 
     def _load(self) -> dict[str, Any]:
         """The checkpoint, read with ``weights_only=True`` (tensors and plain data: it cannot run code)."""
@@ -385,12 +385,13 @@ class Trainer:
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
-    def run(self, train_step: Callable[[int, dict], dict], checkpoint_every: int) -> dict[str, Any]:
-        """Runs ``row = train_step(step, state)`` for steps :attr:`start` to :attr:`num_steps` or until
+    def run(self, train_step: Callable[[int, dict], dict], num_steps: int, checkpoint_every: int) -> dict[str, Any]:
+        """Runs ``row = train_step(step, state)`` for steps :attr:`start` to ``num_steps`` or until
         ``state["stopped"]``, logging each ``row`` (the step's numbers, its ``"loss"`` first) with the step and the
         training seconds (summed over resumes) in ``state["log"]`` and ``log.csv`` (rewritten from the checkpoint's
-        rows on resume); checkpoints every ``checkpoint_every`` steps and at the end."""
-        state, step, num_steps = self.state, self.start, self.num_steps
+        rows on resume), with a progress bar; checkpoints every ``checkpoint_every`` steps and at the end."""
+        state, step = self.state, self.start
+        bar = tqdm(initial=step, total=num_steps, disable=not (self.progress and self.writer))
         if self.writer and state["log"]:
             self._log(state["log"], append=False)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -412,8 +413,8 @@ class Trainer:
                 state["log"].append({"step": step, **row, "seconds": state["seconds"]})
                 if self.writer:
                     self._log(state["log"][-1:], append=len(state["log"]) > 1)
-                self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
-                self.bar.update()
+                bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
+                bar.update()
                 step += 1
                 if step % checkpoint_every == 0 or step == num_steps or state["stopped"] or self.signum:
                     self.save(step)
@@ -421,7 +422,7 @@ class Trainer:
                     print(f"stopped after step {step - 1}; resume with: {_resume_command()}", file=sys.stderr)
                     raise SystemExit(128 + self.signum)
         finally:
-            self.bar.close()
+            bar.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         return state
