@@ -64,7 +64,10 @@ class ConcatSquashConv2d(nn.Module):
         """The output and the tangents ``(N k, C, H, W)`` pushed through the layer (if given)."""
         t = t.to(x)
         if t.numel() == 1:  # one gate for the whole batch: folded into the kernel and bias once per evaluation
-            weight, bias = _fold_gate_and_shift(self.conv.weight, self.conv.bias, self.gate, self.shift, t.reshape(1))
+            t = t.reshape(1)
+            weight, bias = _fold_gate_and_shift(
+                self.conv.weight, self.conv.bias, torch.sigmoid(self.gate(t)), self.shift(t)
+            )
             out = F.conv2d(x, weight, bias, padding=1)
             return out, None if tangents is None else F.conv2d(tangents, weight, padding=1)
         tt = t.reshape(-1, 1)  # a time per image

@@ -66,12 +66,6 @@ def time_features(t: Tensor, frequencies: Tensor | None) -> Tensor:
     return torch.cat([t, torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def _conditioner(t: Tensor, x: Tensor, context: Tensor | None) -> Tensor:
-    """Time features (one set for all, or one per sample) and the context as one ``(..., time_dim + C)`` input."""
-    times = t.to(x).expand(*x.shape[:-1], t.shape[-1])
-    return times if context is None else torch.cat([times, context], dim=-1)
-
-
 def _check_time(t: object, batch_shape: torch.Size) -> None:
     """``t`` must be one time for the whole batch (one element) or one per sample (``batch_shape``)."""
     if not isinstance(t, Tensor):
@@ -87,37 +81,41 @@ def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
 
 
 def _fold_gate_and_shift(
-    weight: Tensor, bias: Tensor, gate: nn.Linear, shift: nn.Linear, t: Tensor
-) -> tuple[Tensor, Tensor]:
-    r"""The weight and bias of :math:`(W x + b) \odot \sigma(a t + c) + d t` at time features ``t``.
+    weight: Tensor, bias: Tensor | None, gate: Tensor | None, shift: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    r"""The weight and bias of :math:`(W x + b) \odot g + s` for a gate and shift shared by the batch.
 
-    The gate scales each output unit (a row of a linear weight, a kernel of a convolution's). ``t`` holds the
-    features of one time ``(time_dim,)`` or of K times ``(K, time_dim)``, giving one weight and bias or K of them.
+    The gate scales each output unit (a row of a linear weight, a kernel of a convolution's); ``gate`` and ``shift``
+    are ``(out,)`` for one time or ``(K, out)`` for K times, giving one weight and bias or K of them.
     """
-    scale = torch.sigmoid(gate(t))
-    return weight * scale[(..., *(None,) * (weight.dim() - 1))], torch.addcmul(shift(t), bias, scale)
+    if gate is not None:
+        weight = weight * gate[(..., *(None,) * (weight.dim() - 1))]
+        bias = None if bias is None else bias * gate
+    if shift is not None:
+        bias = shift if bias is None else bias + shift
+    return weight, bias
 
 
 class _ConditionedLinear(nn.Module):
-    """A linear layer whose map depends on the time (and, per sample, on the context).
+    r"""A linear layer :math:`h = (W x + b) \odot g(c) + s(c)` whose gate and shift depend on :math:`c`, the time
+    features (and the context, per sample).
 
-    Without context the map is the same for the whole batch, so :meth:`affine` folds the time
-    conditioning into one weight and bias per evaluation: one ``addmm`` per layer and none of the
-    per-sample gating, for the output and for the tangents alike.
+    Without context and with one time for the batch, :meth:`affine` folds the gate and shift into one weight and
+    bias per evaluation: one ``addmm`` per layer and none of the per-sample gating, for the output and for the
+    tangents alike.
     """
 
     linear: nn.Linear
 
+    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """:math:`W` ``(out, in)``, :math:`b`, :math:`g` and :math:`s` (None: absent) at time features ``t``
+        ``(..., time_dim)`` and ``context`` ``(..., C)`` (or None)."""
+        raise NotImplementedError
+
     def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """The layer's weight ``(out, in)`` and bias ``(out,)`` at time features ``t`` ``(time_dim,)``, without
         context; at K times ``(K, time_dim)``, K of each (a weight may then be shared by all times)."""
-        raise NotImplementedError
-
-    def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`forward_and_jvp` with per-sample time features ``(N, time_dim)`` or a context ``(N, C)``."""
-        raise NotImplementedError
+        return _fold_gate_and_shift(*self.terms(t, None))
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
@@ -141,6 +139,20 @@ class _ConditionedLinear(nn.Module):
         weight, bias = self.affine(t.to(x)) if affine is None else affine
         return F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
 
+    def conditioned(
+        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward_and_jvp` with per-sample time features ``(N, time_dim)`` or a context ``(N, C)``."""
+        weight, bias, gate, shift = self.terms(t.to(x).expand(*x.shape[:-1], t.shape[-1]), context)
+        out, pushed = F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
+        if gate is not None:
+            out, pushed = out * gate, None if pushed is None else pushed * gate.unsqueeze(-2)
+        return (out if shift is None else out + shift), pushed
+
+
+def _cat(t: Tensor, context: Tensor | None) -> Tensor:
+    return t if context is None else torch.cat([t, context], dim=-1)
+
 
 class ConcatSquashLinear(_ConditionedLinear):
     r"""Linear layer gated and shifted by the time and context.
@@ -154,16 +166,9 @@ class ConcatSquashLinear(_ConditionedLinear):
         self.gate = nn.Linear(time_dim + context_dim, out_features)
         self.shift = nn.Linear(time_dim + context_dim, out_features, bias=False)
 
-    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        return _fold_gate_and_shift(self.linear.weight, self.linear.bias, self.gate, self.shift, t)
-
-    def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        c = _conditioner(t, x, context)
-        gate = torch.sigmoid(self.gate(c))
-        out = self.linear(x) * gate + self.shift(c)
-        return out, _apply_weight(self.linear.weight, tangents) * gate.unsqueeze(-2) if jvp else None
+    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c = _cat(t, context)
+        return self.linear.weight, self.linear.bias, torch.sigmoid(self.gate(c)), self.shift(c)
 
 
 class SquashLinear(_ConditionedLinear):
@@ -174,16 +179,8 @@ class SquashLinear(_ConditionedLinear):
         self.linear = nn.Linear(in_features, out_features)
         self.gate = nn.Linear(time_dim + context_dim, out_features)
 
-    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        gate = torch.sigmoid(self.gate(t))
-        return self.linear.weight * gate.unsqueeze(-1), self.linear.bias * gate
-
-    def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        gate = torch.sigmoid(self.gate(_conditioner(t, x, context)))
-        out = self.linear(x) * gate
-        return out, _apply_weight(self.linear.weight, tangents) * gate.unsqueeze(-2) if jvp else None
+    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, None]:
+        return self.linear.weight, self.linear.bias, torch.sigmoid(self.gate(_cat(t, context))), None
 
 
 class ConcatLinear(_ConditionedLinear):
@@ -192,19 +189,11 @@ class ConcatLinear(_ConditionedLinear):
     def __init__(self, in_features: int, out_features: int, context_dim: int = 0, time_dim: int = 1) -> None:
         super().__init__()
         self.in_features = in_features
-        self.time_dim = time_dim
         self.linear = nn.Linear(in_features + time_dim + context_dim, out_features)
 
-    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        weight = self.linear.weight
-        time_weight = weight[:, self.in_features : self.in_features + self.time_dim]
-        return weight[:, : self.in_features], F.linear(t, time_weight, self.linear.bias)
-
-    def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        out = self.linear(torch.cat([x, _conditioner(t, x, context)], dim=-1))
-        return out, _apply_weight(self.linear.weight[:, : self.in_features], tangents) if jvp else None
+    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, None, None, Tensor]:
+        weight, n = self.linear.weight, self.in_features
+        return weight[:, :n], None, None, F.linear(_cat(t, context), weight[:, n:], self.linear.bias)
 
 
 class IgnoreLinear(_ConditionedLinear):
@@ -215,14 +204,13 @@ class IgnoreLinear(_ConditionedLinear):
         self.in_features = in_features
         self.linear = nn.Linear(in_features + context_dim, out_features)
 
-    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        return self.linear.weight, self.linear.bias
-
-    def conditioned(
-        self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        out = self.linear(x if context is None else torch.cat([x, context], dim=-1))
-        return out, _apply_weight(self.linear.weight[:, : self.in_features], tangents) if jvp else None
+    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None, None, Tensor | None]:
+        weight, bias, n = self.linear.weight, self.linear.bias, self.in_features
+        return (
+            (weight, bias, None, None)
+            if context is None
+            else (weight[:, :n], None, None, F.linear(context, weight[:, n:], bias))
+        )
 
 
 LAYERS: dict[str, type[nn.Module]] = {
