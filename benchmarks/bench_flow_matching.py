@@ -6,7 +6,8 @@ in its own process on one CPU thread, with Adam and a cosine learning-rate decay
 (so a 180 s run is not a 600 s run cut short), and is then evaluated:
 
 * ``fm`` / ``fm-ot``: one pyro_ffjord CNF (``ODENet``: SiLU, concat layers, 8 sinusoidal time features) trained by
-  :func:`pyro_ffjord.flow_matching_loss` with independent / minibatch-OT coupling;
+  :func:`pyro_ffjord.flow_matching_loss` with independent / minibatch-OT coupling, the times drawn from
+  ``--fm-time`` (per-task default: logit-normal on the patches, uniform elsewhere);
 * ``ml``: the same CNF trained by maximum likelihood through the solve (rk4 on a fixed grid, Hutchinson's
   trace above 2 dimensions, backpropagation through the steps);
 * ``fm+ml``: ``fm`` for the first half of the budget, then ``ml``;
@@ -74,7 +75,7 @@ class Contender:
     """A density on the scaled data: its trainable modules, a training loss and a test log-density."""
 
     def __init__(self, name: str, dim: int, args: argparse.Namespace) -> None:
-        self.name = name
+        self.name, self.fm_time = name, args.fm_time
         hidden = (args.width,) * args.depth
         self.cnf = None
         if name in ("fm", "fm-ot", "ml", "fm+ml"):
@@ -119,7 +120,8 @@ class Contender:
     def loss(self, y: Tensor, progress: float) -> Tensor:
         """The training loss at ``progress`` (elapsed share of the budget)."""
         if self.name in ("fm", "fm-ot") or (self.name == "fm+ml" and progress < 0.5):
-            return pf.flow_matching_loss(self.cnf, y, coupling="ot" if self.name == "fm-ot" else "independent")
+            coupling = "ot" if self.name == "fm-ot" else "independent"
+            return pf.flow_matching_loss(self.cnf, y, coupling=coupling, time=self.fm_time)
         return -self.log_prob(y).mean()
 
 
@@ -252,17 +254,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-TASK_DEFAULTS = {  # width, depth, step sizes, batch, rk4 steps of likelihood training, train rows, test rows
-    "toy": dict(
-        width=64, depth=3, lr=5e-3, fm_lr=5e-3, batch_size=512, train_steps=8, num_train=200_000, num_test=20_000
-    ),
-    "power": dict(
-        width=256, depth=3, lr=1e-3, fm_lr=3e-3, batch_size=1024, train_steps=4, num_train=0, num_test=20_000
-    ),
-    "bsds300": dict(
-        width=512, depth=3, lr=1e-3, fm_lr=3e-3, batch_size=256, train_steps=4, num_train=200_000, num_test=1_000
-    ),
+TASK_DEFAULTS = {  # width, depth, step sizes, time law, batch, rk4 steps of likelihood training, train and test rows
+    "toy": dict(width=64, depth=3, lr=5e-3, fm_lr=5e-3, fm_time="uniform", batch_size=512, train_steps=8),
+    "power": dict(width=256, depth=3, lr=1e-3, fm_lr=3e-3, fm_time="uniform", batch_size=1024, train_steps=4),
+    "bsds300": dict(width=512, depth=3, lr=1e-3, fm_lr=3e-3, fm_time="logit-normal", batch_size=256, train_steps=4),
 }
+TASK_DEFAULTS["toy"].update(num_train=200_000, num_test=20_000)
+TASK_DEFAULTS["power"].update(num_train=0, num_test=20_000)
+TASK_DEFAULTS["bsds300"].update(num_train=200_000, num_test=1_000)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -276,6 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=5, help="layers of the discrete flows")
     parser.add_argument("--lr", type=float, default=None, help="Adam step size of maximum-likelihood training")
     parser.add_argument("--fm-lr", type=float, default=None, help="Adam step size of flow matching")
+    parser.add_argument("--fm-time", choices=pf.flow_matching.TIMES, default=None, help="time law of flow matching")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=None, help="rk4 steps over t in [0, 1] for ml training")
     parser.add_argument("--num-train", type=int, default=None)

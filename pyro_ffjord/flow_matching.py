@@ -12,12 +12,16 @@ with a minimal width :math:`\sigma_{\min}` (Lipman et al.'s optimal-transport pa
     x_s = (1 - s)\, x + (\sigma_{\min} + (1 - \sigma_{\min}) s)\, \epsilon, \qquad
     u_s = \frac{d x_s}{ds} = (1 - \sigma_{\min})\, \epsilon - x,
 
-and the loss, with :math:`s \sim U[0, 1]` per sample, is
+and the loss, with a time :math:`s \sim p(s)` on :math:`(0, 1)` per sample, is
 
 .. math:: \mathcal{L} = \mathbb{E}_{s, x, \epsilon}\, \tfrac{1}{D} \lVert T f(x_s, sT) - u_s \rVert^2,
 
 minimized by :math:`f(z, t) = \mathbb{E}[u_s \mid x_s = z] / T`, the field whose flow carries the
-data distribution (convolved with :math:`\mathcal{N}(0, \sigma_{\min}^2 I)`) to the base.
+data distribution (convolved with :math:`\mathcal{N}(0, \sigma_{\min}^2 I)`) to the base. The regression is
+pointwise in :math:`s`, so every time law with a positive density on :math:`(0, 1)` has this minimizer; the law
+only weighs the field's errors across times, which sets what a finite training run learns first. The uniform
+law is Lipman et al.'s; the logit-normal, :math:`s = \operatorname{sigmoid}(n)`, :math:`n \sim \mathcal{N}(0, 1)`,
+which draws fewer times near either end, is Esser et al.'s (ICML 2024).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+from torch.distributions import Distribution
 
 from .transforms import FFJORD, ConditionalFFJORD, _check_tensor, _flatten_batch
 
 COUPLINGS = ("independent", "ot")
+TIMES = ("uniform", "logit-normal")
 
 
 def ot_coupling(x: Tensor, noise: Tensor) -> Tensor:
@@ -58,6 +64,7 @@ def flow_matching_loss(
     *,
     sigma_min: float = 0.0,
     coupling: str = "independent",
+    time: str | Distribution = "uniform",
 ) -> Tensor:
     r"""Conditional flow-matching loss of a CNF transform on data ``x`` (see the module docstring).
 
@@ -82,6 +89,9 @@ def flow_matching_loss(
             batch by the exact minibatch optimal-transport permutation (:func:`ot_coupling`), which straightens
             the learned paths (fewer solver steps). With a context, ``"ot"`` would pair noise with data
             across contexts and bias every conditional density, so it is refused.
+        time: the law of :math:`s = t / T`: ``"uniform"``, ``"logit-normal"`` (see the module docstring), or a
+            scalar :class:`~torch.distributions.Distribution` with support in :math:`[0, 1]`, e.g.
+            ``pyro.distributions.Beta(2.0, 2.0)``. It changes what a finite run learns, not the loss's minimizer.
 
     Returns:
         The loss, a differentiable scalar.
@@ -113,6 +123,7 @@ def flow_matching_loss(
         )
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
+    _check_time_law(time)
     if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)) or not 0 <= sigma_min < 1:
         raise ValueError(f"sigma_min must be a number in [0, 1), got {sigma_min!r}")
     _, x, context = _flatten_batch("x", _check_tensor("x", x, flow.input_dim, flow.log_T), context)
@@ -121,9 +132,27 @@ def flow_matching_loss(
     noise = torch.randn_like(x)
     if coupling == "ot":
         noise = noise[ot_coupling(x, noise)]
-    s = torch.rand(x.shape[:1], dtype=x.dtype, device=x.device)
+    s = _draw_times(time, x)
     x_s = (1 - s).unsqueeze(-1) * x + (sigma_min + (1 - sigma_min) * s).unsqueeze(-1) * noise
     target = (1 - sigma_min) * noise - x
     T = flow.T.detach()
     velocity = flow.net(s * T, x_s) if context is None else flow.net(s * T, x_s, context)
     return (T * velocity - target).pow(2).mean()
+
+
+def _check_time_law(time: str | Distribution) -> None:
+    if isinstance(time, Distribution):
+        low, high = (getattr(time.support, bound, None) for bound in ("lower_bound", "upper_bound"))
+        if time.event_shape or time.batch_shape or low is None or not 0 <= float(low) <= float(high) <= 1:
+            raise ValueError(f"time must be a scalar distribution with support in [0, 1], got {time!r}")
+    elif time not in TIMES:
+        raise ValueError(f"time must be one of {list(TIMES)} or a Distribution on [0, 1], got {time!r}")
+
+
+def _draw_times(time: str | Distribution, x: Tensor) -> Tensor:
+    """One time :math:`s \\in [0, 1]` per row of ``x`` ``(N, D)``, drawn from the law ``time``."""
+    if time == "uniform":
+        return torch.rand(x.shape[:1], dtype=x.dtype, device=x.device)
+    if time == "logit-normal":
+        return torch.sigmoid(torch.randn(x.shape[:1], dtype=x.dtype, device=x.device))
+    return time.sample(x.shape[:1]).to(x)

@@ -46,9 +46,14 @@ def gaussian_data(n, seed=0):
     return MEAN + torch.randn(n, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(COV).T
 
 
+TIME_LAWS = ["uniform", "logit-normal", dist.Beta(torch.tensor(2.0).double(), torch.tensor(3.0).double())]
+
+
+@pytest.mark.parametrize("time", TIME_LAWS, ids=["uniform", "logit-normal", "beta"])
 @pytest.mark.parametrize("sigma_min", [0.0, 0.1])
 @pytest.mark.parametrize("T", [1.0, 0.5])
-def test_loss_is_lowest_at_the_closed_form_field(float64, sigma_min, T):
+def test_loss_is_lowest_at_the_closed_form_field(float64, sigma_min, T, time):
+    """The minimizer is the closed-form field whatever the time law (the regression is pointwise in time)."""
     x = gaussian_data(20000)
     perturbations = [
         lambda z: torch.full_like(z, 0.05),
@@ -59,7 +64,7 @@ def test_loss_is_lowest_at_the_closed_form_field(float64, sigma_min, T):
     def loss(shift):
         torch.manual_seed(1)  # the same times and noise for every field: a paired comparison
         t = pf.FFJORD(GaussianOptimalField(MEAN, COV, T, sigma_min, shift), 2, T=T)
-        return pf.flow_matching_loss(t, x, sigma_min=sigma_min).item()
+        return pf.flow_matching_loss(t, x, sigma_min=sigma_min, time=time).item()
 
     best = loss(None)
     for shift in perturbations:
@@ -126,6 +131,29 @@ def test_training_reaches_the_gaussian_density(float64):
     assert abs(nll - true) < 0.03 < 1 < untrained - true
 
 
+class _TimeRecorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def forward(self, t, z):
+        self.times.append(t)
+        return torch.zeros_like(z)
+
+
+def test_times_follow_the_named_law(float64):
+    """The net sees t = s T with s from the law: logit(s) standard normal, or a given distribution's draws."""
+    net = _TimeRecorder()
+    t = pf.FFJORD(net, 2, T=0.5)
+    torch.manual_seed(0)
+    pf.flow_matching_loss(t, torch.randn(20000, 2), time="logit-normal")
+    logits = torch.logit(net.times[-1] / 0.5)
+    assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03
+    pf.flow_matching_loss(t, torch.randn(1000, 2), time=dist.Uniform(0.2, 0.3))
+    s = net.times[-1] / 0.5
+    assert s.dtype == torch.float64 and 0.2 <= s.min() and s.max() <= 0.3 and s.std() > 0.02
+
+
 @pytest.mark.parametrize("n", [1, 2, 6])
 def test_ot_coupling_is_the_brute_force_optimal_permutation(float64, n):
     g = torch.Generator().manual_seed(n)
@@ -184,6 +212,9 @@ def test_flow_matching_with_data_scaling_reports_data_units(float64):
         (lambda t, ct: pf.flow_matching_loss(t, torch.randn(4, 2), coupling="sinkhorn"), ValueError, "coupling must"),
         (lambda t, ct: pf.flow_matching_loss(t, torch.randn(4, 2), sigma_min=-0.1), ValueError, "sigma_min must"),
         (lambda t, ct: pf.flow_matching_loss(t, torch.randn(4, 2), sigma_min=1.0), ValueError, "sigma_min must"),
+        (lambda t, ct: pf.flow_matching_loss(t, torch.randn(4, 2), time="beta"), ValueError, "time must be one of"),
+        (lambda t, ct: pf.flow_matching_loss(t, torch.randn(4, 2), time=dist.Normal(0.5, 1.0)), ValueError, "time"),
+        (lambda t, ct: pf.flow_matching_loss(t, torch.randn(4, 2), time=dist.Uniform(0.0, 2.0)), ValueError, "time"),
         (lambda t, ct: pf.flow_matching_loss(t, torch.randn(4, 2), torch.randn(4, 3)), ValueError, "takes no context"),
         (lambda t, ct: pf.flow_matching_loss(ct, torch.randn(4, 2)), ValueError, "needs a context"),
         (lambda t, ct: pf.flow_matching_loss(ct, torch.randn(4, 2), torch.randn(3, 3)), ValueError, "broadcast"),
