@@ -194,7 +194,7 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
         x = training_batch(train, args.batch_size, seed, device)
         torch.manual_seed(seed)  # the Hutchinson noise of this step
         if args.objective == "fm":  # the flow-matching loss is no likelihood: no bits/dim to show
-            loss, bits_per_dim = pf.flow_matching_loss(flow.cnf, 2 * x.flatten(1) - 1, coupling=args.coupling), ""
+            loss, bits_per_dim = training.flow_matching_loss(flow.cnf, 2 * x.flatten(1) - 1, args), ""
         else:  # with the empty guide, the -ELBO is the NLL
             nll = elbo.differentiable_loss(model, guide, x, flow) / len(x)
             # read after the loss: Pyro scores the sample site once the model has run, with this step's solve

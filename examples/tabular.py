@@ -130,8 +130,10 @@ def flow_matching_validation(flow: Flow, x: Tensor, args: argparse.Namespace) ->
     """The flow-matching loss on validation rows, with fixed times and noise (the training RNG is untouched)."""
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(args.seed)
-        z = flow.transforms[-1].inv(x)  # in the CNF's units
-        losses = [pf.flow_matching_loss(flow.cnfs()[0], b, sigma_min=args.sigma_min) * len(b) for b in z.split(1000)]
+        z, cnf = flow.transforms[-1].inv(x), flow.cnfs()[0]  # z in the CNF's units
+        losses = [
+            pf.flow_matching_loss(cnf, b, sigma_min=args.sigma_min, time=args.fm_time) * len(b) for b in z.split(1000)
+        ]
     return (sum(losses) / len(x)).item()
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-NOISES = ("rademacher", "gaussian")
-DIVERGENCES = ("hutchinson", "exact")
-
 
 def sample_noise(like: Tensor, kind: str) -> Tensor:
     """Draws Hutchinson noise shaped like ``like``: Rademacher (±1) or standard Gaussian."""

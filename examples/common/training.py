@@ -98,6 +98,7 @@ def add_objective_args(parser: argparse.ArgumentParser, default: str, choices=("
     parser.add_argument("--fm-fraction", type=fraction, default=0.5, help="share of the steps by fm under fm+ml")
     parser.add_argument("--coupling", choices=pf.flow_matching.COUPLINGS, default="independent", help="fm pairing")
     parser.add_argument("--sigma-min", type=non_negative_float, default=0.0, help="fm path width at the data end")
+    parser.add_argument("--fm-time", choices=pf.flow_matching.TIMES, default="uniform", help="fm time law")
 
 
 def solver_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,9 +234,14 @@ def svi_step(elbo: pyro.infer.ELBO, optimizer: pyro.optim.PyroOptim, model, guid
     return update(loss, [params[name] for name in sorted(params)], optimizer)
 
 
+def flow_matching_loss(cnf: pf.FFJORD, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """:func:`pyro_ffjord.flow_matching_loss` with the objective flags."""
+    return pf.flow_matching_loss(cnf, x, sigma_min=args.sigma_min, coupling=args.coupling, time=args.fm_time)
+
+
 def flow_matching_step(cnf: pf.FFJORD, x: torch.Tensor, optimizer: pyro.optim.PyroOptim, args) -> float:
-    """One optimizer step on :func:`pyro_ffjord.flow_matching_loss`."""
-    loss = pf.flow_matching_loss(cnf, x, sigma_min=args.sigma_min, coupling=args.coupling)
+    """One optimizer step on :func:`flow_matching_loss`."""
+    loss = flow_matching_loss(cnf, x, args)
     loss.backward()
     return update(loss.detach(), [p for p in cnf.parameters() if p.requires_grad], optimizer)
 
