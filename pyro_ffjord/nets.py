@@ -370,9 +370,7 @@ class ODENet(nn.Module):
         affine: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Pre-activation of layer ``i`` at time features ``t`` and, if ``jvp``, the tangents pushed through it."""
-        if not jvp:
-            return self.layers[i](t, h, context), None
-        return self.layers[i].forward_and_jvp(t, h, tangents, context, affine=affine)
+        return self.layers[i].forward_and_jvp(t, h, tangents, context, jvp, affine)
 
 
 class AmortizedLowRankODENet(ODENet):

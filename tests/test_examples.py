@@ -226,9 +226,12 @@ def test_toy_with_compiled_dynamics_gives_the_eager_result(tmp_path):
 @pytest.mark.parametrize(
     "name, flags",
     [
-        ("toy_2d.py", ["--objective", "fm", "--coupling", "ot", "--sigma-min", "0.01"]),
-        ("tabular.py", ["--objective", "fm+ml", "--fm-fraction", "0.5", "-n", "4"]),
-        ("images.py", ["--objective", "fm", "--unet-channels", "4,8"]),
+        ("toy_2d.py", ["--objective", "fm", "--coupling", "ot", "--sigma-min", "0.01", "--fm-time", "logit-normal"]),
+        ("tabular.py", ["--objective", "fm+ml", "--fm-fraction", "0.5", "-n", "4", "--fm-time", "logit-normal"]),
+        (
+            "images.py",
+            ["--objective", "fm", "--unet-channels", "4,8", "--sigma-min", "0.01", "--fm-time", "logit-normal"],
+        ),
     ],
 )
 def test_flow_matching_objectives_run(name, flags, tmp_path):
