@@ -255,13 +255,40 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 TASK_DEFAULTS = {  # width, depth, step sizes, time law, batch, rk4 steps of likelihood training, train and test rows
-    "toy": dict(width=64, depth=3, lr=5e-3, fm_lr=5e-3, fm_time="uniform", batch_size=512, train_steps=8),
-    "power": dict(width=256, depth=3, lr=1e-3, fm_lr=3e-3, fm_time="uniform", batch_size=1024, train_steps=4),
-    "bsds300": dict(width=512, depth=3, lr=1e-3, fm_lr=3e-3, fm_time="logit-normal", batch_size=256, train_steps=4),
+    "toy": dict(
+        width=64,
+        depth=3,
+        lr=5e-3,
+        fm_lr=5e-3,
+        fm_time="uniform",
+        batch_size=512,
+        train_steps=8,
+        num_train=200_000,
+        num_test=20_000,
+    ),
+    "power": dict(
+        width=256,
+        depth=3,
+        lr=1e-3,
+        fm_lr=3e-3,
+        fm_time="uniform",
+        batch_size=1024,
+        train_steps=4,
+        num_train=0,
+        num_test=20_000,
+    ),
+    "bsds300": dict(
+        width=512,
+        depth=3,
+        lr=1e-3,
+        fm_lr=3e-3,
+        fm_time="logit-normal",
+        batch_size=256,
+        train_steps=4,
+        num_train=200_000,
+        num_test=1_000,
+    ),
 }
-TASK_DEFAULTS["toy"].update(num_train=200_000, num_test=20_000)
-TASK_DEFAULTS["power"].update(num_train=0, num_test=20_000)
-TASK_DEFAULTS["bsds300"].update(num_train=200_000, num_test=1_000)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

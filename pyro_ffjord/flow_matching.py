@@ -26,6 +26,8 @@ which draws fewer times near either end, is Esser et al.'s (ICML 2024).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -123,7 +125,7 @@ def flow_matching_loss(
         )
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
-    _check_time_law(time)
+    draw_times = _time_sampler(time)
     if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)) or not 0 <= sigma_min < 1:
         raise ValueError(f"sigma_min must be a number in [0, 1), got {sigma_min!r}")
     _, x, context = _flatten_batch("x", _check_tensor("x", x, flow.input_dim, flow.log_T), context)
@@ -132,7 +134,7 @@ def flow_matching_loss(
     noise = torch.randn_like(x)
     if coupling == "ot":
         noise = noise[ot_coupling(x, noise)]
-    s = _draw_times(time, x)
+    s = draw_times(x)
     x_s = (1 - s).unsqueeze(-1) * x + (sigma_min + (1 - sigma_min) * s).unsqueeze(-1) * noise
     target = (1 - sigma_min) * noise - x
     T = flow.T.detach()
@@ -140,19 +142,15 @@ def flow_matching_loss(
     return (T * velocity - target).pow(2).mean()
 
 
-def _check_time_law(time: str | Distribution) -> None:
+def _time_sampler(time: str | Distribution) -> Callable[[Tensor], Tensor]:
+    """Checks the law ``time`` and returns its draw of one time :math:`s \\in [0, 1]` per row of ``x`` ``(N, D)``."""
     if isinstance(time, Distribution):
         low, high = (getattr(time.support, bound, None) for bound in ("lower_bound", "upper_bound"))
         if time.event_shape or time.batch_shape or low is None or not 0 <= float(low) <= float(high) <= 1:
             raise ValueError(f"time must be a scalar distribution with support in [0, 1], got {time!r}")
-    elif time not in TIMES:
-        raise ValueError(f"time must be one of {list(TIMES)} or a Distribution on [0, 1], got {time!r}")
-
-
-def _draw_times(time: str | Distribution, x: Tensor) -> Tensor:
-    """One time :math:`s \\in [0, 1]` per row of ``x`` ``(N, D)``, drawn from the law ``time``."""
+        return lambda x: time.sample(x.shape[:1]).to(x)
     if time == "uniform":
-        return torch.rand(x.shape[:1], dtype=x.dtype, device=x.device)
+        return lambda x: torch.rand(x.shape[:1], dtype=x.dtype, device=x.device)
     if time == "logit-normal":
-        return torch.sigmoid(torch.randn(x.shape[:1], dtype=x.dtype, device=x.device))
-    return time.sample(x.shape[:1]).to(x)
+        return lambda x: torch.sigmoid(torch.randn(x.shape[:1], dtype=x.dtype, device=x.device))
+    raise ValueError(f"time must be one of {list(TIMES)} or a Distribution on [0, 1], got {time!r}")

@@ -206,11 +206,9 @@ class IgnoreLinear(_ConditionedLinear):
 
     def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None, None, Tensor | None]:
         weight, bias, n = self.linear.weight, self.linear.bias, self.in_features
-        return (
-            (weight, bias, None, None)
-            if context is None
-            else (weight[:, :n], None, None, F.linear(context, weight[:, n:], bias))
-        )
+        if context is None:
+            return weight, bias, None, None
+        return weight[:, :n], None, None, F.linear(context, weight[:, n:], bias)
 
 
 LAYERS: dict[str, type[nn.Module]] = {
