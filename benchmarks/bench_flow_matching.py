@@ -254,40 +254,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-TASK_DEFAULTS = {  # width, depth, step sizes, time law, batch, rk4 steps of likelihood training, train and test rows
-    "toy": dict(
-        width=64,
-        depth=3,
-        lr=5e-3,
-        fm_lr=5e-3,
-        fm_time="uniform",
-        batch_size=512,
-        train_steps=8,
-        num_train=200_000,
-        num_test=20_000,
-    ),
-    "power": dict(
-        width=256,
-        depth=3,
-        lr=1e-3,
-        fm_lr=3e-3,
-        fm_time="uniform",
-        batch_size=1024,
-        train_steps=4,
-        num_train=0,
-        num_test=20_000,
-    ),
-    "bsds300": dict(
-        width=512,
-        depth=3,
-        lr=1e-3,
-        fm_lr=3e-3,
-        fm_time="logit-normal",
-        batch_size=256,
-        train_steps=4,
-        num_train=200_000,
-        num_test=1_000,
-    ),
+_DEFAULT_NAMES = ("width", "depth", "lr", "fm_lr", "fm_time", "batch_size", "train_steps", "num_train", "num_test")
+TASK_DEFAULTS = {  # the rk4 steps of likelihood training (train_steps) cover t in [0, 1]; num_train 0: all rows
+    task: dict(zip(_DEFAULT_NAMES, values))
+    for task, values in {
+        "toy": (64, 3, 5e-3, 5e-3, "uniform", 512, 8, 200_000, 20_000),
+        "power": (256, 3, 1e-3, 3e-3, "uniform", 1024, 4, 0, 20_000),
+        "bsds300": (512, 3, 1e-3, 3e-3, "logit-normal", 256, 4, 200_000, 1_000),
+    }.items()
 }
 
 
