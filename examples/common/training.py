@@ -42,13 +42,10 @@ def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected:
     """An argparse ``type`` whose error names the expected value (argparse prints the flag's name)."""
 
     def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if ok(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
 
     return parse
 
@@ -79,13 +76,13 @@ def add_common_args(parser: argparse.ArgumentParser, out: str, num_steps: int, u
 
 def add_solver_args(parser, method: str, step_size: float, tol: float, max_steps: int, trace: str = "exact") -> None:
     """The training solver and the (adaptive) evaluation solver, with torchdiffeq's names."""
-    parser.add_argument("--method", default=method, help="training solver: fixed grid (rk4, ...) or adaptive")
+    parser.add_argument("--method", choices=list(METHOD_OPTIONS), default=method, help="training solver")
     parser.add_argument("--step-size", type=positive_float, default=step_size, help="step of a fixed-grid solver")
     parser.add_argument("--rtol", type=positive_float, default=tol, help="of an adaptive training solver")
     parser.add_argument("--atol", type=positive_float, default=tol, help="of an adaptive training solver")
     parser.add_argument("--max-num-steps", type=positive_int, default=1000, help="step budget of a training solve")
     parser.add_argument("--adjoint", action="store_true", help="adjoint gradients (O(1) memory)")
-    parser.add_argument("--eval-method", default="dopri5", help="adaptive solver of every reported number")
+    parser.add_argument("--eval-method", choices=list(ADAPTIVE_STAGES), default="dopri5", help="evaluation solver")
     parser.add_argument("--eval-rtol", type=positive_float, default=tol, help="of the evaluation solver")
     parser.add_argument("--eval-atol", type=positive_float, default=tol, help="of the evaluation solver")
     parser.add_argument("--eval-max-num-steps", type=positive_int, default=max_steps, help="its step budget")
@@ -103,8 +100,6 @@ def add_objective_args(parser: argparse.ArgumentParser, default: str, choices=("
 
 def solver_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``pf.ffjord`` keywords of the training solver flags."""
-    if args.method not in METHOD_OPTIONS:
-        raise SystemExit(f"error: --method {args.method}: expected one of {', '.join(METHOD_OPTIONS)}")
     return {
         "method": args.method,
         "options": None if args.method in ADAPTIVE_STAGES else {"step_size": args.step_size},
@@ -117,13 +112,13 @@ def solver_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """Switches every CNF in ``module`` to the evaluation solver, for the ``with`` block (a module without CNFs,
-    such as a baseline flow, has nothing to switch)."""
+    """Switches every CNF in ``module`` to the evaluation solver for the ``with`` block (a baseline has none)."""
     if not any(isinstance(m, ContinuousFlow) for m in module.modules()):  # what pf.solver_settings switches
         return contextlib.nullcontext()
     settings = {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol, "options": None}
-    settings |= {"divergence": args.eval_divergence, "max_num_steps": args.eval_max_num_steps}
-    return pf.solver_settings(module, **settings)
+    return pf.solver_settings(
+        module, **settings, divergence=args.eval_divergence, max_num_steps=args.eval_max_num_steps
+    )
 
 
 def flow_matching_now(args: argparse.Namespace, step: int, num_steps: int) -> bool:
@@ -186,8 +181,8 @@ def in_sync(module: torch.nn.Module) -> bool:
     """Whether every process holds exactly the same parameters (True without ``torchrun``)."""
     if not torch.distributed.is_initialized():
         return True
-    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
-    low, high = flat.clone(), flat.clone()
+    low = torch.cat([p.detach().flatten() for p in module.parameters()])
+    high = low.clone()
     torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
     return torch.equal(low, high)
@@ -198,31 +193,24 @@ class NonFiniteError(ArithmeticError):
 
 
 def update(loss: torch.Tensor | float, params: list[torch.Tensor], optimizer: pyro.optim.PyroOptim) -> float:
-    """Applies ``optimizer`` to the gradients of ``params`` and clears them; returns the loss.
-
-    Under ``torchrun`` the loss and gradients are first averaged over the processes (one ``all_reduce``), so that
-    every replica takes the same step: data parallelism for any Pyro model and guide. A non-finite loss or
-    gradient changes nothing and raises :class:`NonFiniteError`.
-    """
-    grads = [p.grad for p in params]
+    """Applies ``optimizer`` to the gradients of ``params``, clears them and returns the loss. Under ``torchrun``
+    the loss and gradients are first averaged over the processes (data parallelism for any Pyro model and guide).
+    A non-finite loss or gradient changes nothing and raises :class:`NonFiniteError`."""
     if torch.distributed.is_initialized():  # params come in the same order on every process
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        head = torch.as_tensor(loss, dtype=grads[0].dtype, device=grads[0].device).reshape(1)
-        flat = torch.cat([head, *(g.flatten() for g in grads)])
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        flat = torch.cat([torch.as_tensor(loss).to(grads[0]).reshape(1), *(g.flatten() for g in grads)])
         torch.distributed.all_reduce(flat)
-        flat /= torch.distributed.get_world_size()
-        loss, grads = flat[0], [g.view_as(p) for g, p in zip(flat[1:].split([p.numel() for p in params]), params)]
-    norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
-    loss, norm = float(loss), float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-    finite = math.isfinite(loss) and math.isfinite(norm)
-    if finite:
+        loss, *grads = (flat / torch.distributed.get_world_size()).split([1, *(p.numel() for p in params)])
         for p, g in zip(params, grads):
-            p.grad = g
+            p.grad = g.view_as(p)
+    loss, norm = float(loss), float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    try:
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteError(f"the loss is {loss} and the gradient norm {norm}")
         optimizer(params)
-    for p in params:
-        p.grad = None
-    if not finite:
-        raise NonFiniteError(f"the loss is {loss} and the gradient norm {norm}")
+    finally:
+        for p in params:
+            p.grad = None
     return loss
 
 
@@ -304,11 +292,11 @@ class Trainer:
     """Runs training steps so that nothing is lost.
 
     The checkpoint ``<out>/checkpoint.pt`` (``torch.save`` to a temporary file, then ``os.replace``) holds the
-    module's state dict, the optimizer's state (``PyroOptim.get_state``), torch's RNG states and ``state``
-    (the log rows, training seconds, early stopping...); a resumed run continues bit for bit, and ``log.csv``
-    beside it holds the same rows. A step whose solve fails or whose loss or gradient is non-finite changes
-    nothing (:func:`update`): the run stops with a checkpoint of the state before it. The first SIGINT/SIGTERM
-    ends the current step, checkpoints and exits; a second one acts at once. Only rank 0 writes.
+    module's state dict, the optimizer's state (``PyroOptim.get_state``), torch's RNG states and ``state`` (the log
+    rows, training seconds, early stopping...): a resumed run continues bit for bit. ``log.csv`` beside it is
+    rewritten with the checkpoint's rows. A step whose solve fails or whose loss or gradient is non-finite changes
+    nothing (:func:`update`): the run stops with a checkpoint of the state before it. The first SIGINT/SIGTERM ends
+    the current step, checkpoints and exits; a second one acts at once. Only rank 0 writes.
     """
 
     def __init__(self, args, module: torch.nn.Module, optimizer, procs: Processes, **state) -> None:
@@ -338,14 +326,10 @@ class Trainer:
             raise SystemExit(
                 f"error: --resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})"
             ) from None
-        there, here = ({k: tuple(v.shape) for k, v in d.items()} for d in (saved["module"], self.module.state_dict()))
-        if there != here:
-            name = min(k for k in there.keys() | here.keys() if there.get(k) != here.get(k))
-            raise SystemExit(
-                f"error: --resume: {path} holds another model: {name} has shape {there.get(name)} there "
-                f"and {here.get(name)} here; resume with the flags it was trained with"
-            )
-        self.module.load_state_dict(saved["module"])
+        try:
+            self.module.load_state_dict(saved["module"])
+        except RuntimeError as e:  # torch names each parameter and its two shapes
+            raise SystemExit(f"error: --resume: {path} holds another model; resume with its flags. {e}") from None
         self.optimizer.set_state(saved["optimizer"])
         torch.set_rng_state(saved["rng"]["torch"])
         if "cuda" in saved["rng"] and torch.cuda.is_available():
@@ -353,53 +337,37 @@ class Trainer:
         return saved
 
     def save(self, step: int) -> None:
+        """Writes the checkpoint after ``step`` steps, then ``log.csv`` with its rows."""
         if not self.writer:
             return
-        self.optimizer_state = {**self.optimizer_state, **self.optimizer.get_state()}
+        self.optimizer_state |= self.optimizer.get_state()
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint = {
-            "step": step,
-            "module": self.module.state_dict(),
-            "optimizer": self.optimizer_state,
-            "rng": rng,
-            "state": self.state,
-        }
+        checkpoint = {"step": step, "module": self.module.state_dict(), "optimizer": self.optimizer_state}
         buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
+        torch.save(checkpoint | {"rng": rng, "state": self.state}, buffer)
         atomic_write(self.path, buffer.getvalue())
-
-    def _log(self, rows: list[dict[str, Any]], append: bool) -> None:
-        """Appends ``rows`` to ``log.csv``, or rewrites it with them (atomically) under a header."""
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-        if not append:
+        if rows := self.state["log"]:
+            writer = csv.DictWriter(text := io.StringIO(), fieldnames=list(rows[0]))
             writer.writeheader()
-        writer.writerows(rows)
-        if append:
-            with open(self.path.with_name("log.csv"), "a", newline="") as f:
-                f.write(text.getvalue())
-        else:
+            writer.writerows(rows)
             atomic_write(self.path.with_name("log.csv"), text.getvalue().encode())
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # the second signal acts at once
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
     def run(self, train_step: Callable[[int, dict], dict], num_steps: int, checkpoint_every: int) -> dict[str, Any]:
         """Runs ``row = train_step(step, state)`` for steps :attr:`start` to ``num_steps`` or until
         ``state["stopped"]``, logging each ``row`` (the step's numbers, its ``"loss"`` first) with the step and the
-        training seconds (summed over resumes) in ``state["log"]`` and ``log.csv`` (rewritten from the checkpoint's
-        rows on resume), with a progress bar; checkpoints every ``checkpoint_every`` steps and at the end."""
+        training seconds (summed over resumes) in ``state["log"]``, with a progress bar; checkpoints every
+        ``checkpoint_every`` steps and at the end."""
         state, step = self.state, self.start
         bar = tqdm(initial=step, total=num_steps, disable=not (self.progress and self.writer))
-        if self.writer and state["log"]:
-            self._log(state["log"], append=False)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             started = time.time() - state["seconds"]
@@ -417,8 +385,6 @@ class Trainer:
                     ) from None
                 state["seconds"] = time.time() - started
                 state["log"].append({"step": step, **row, "seconds": state["seconds"]})
-                if self.writer:
-                    self._log(state["log"][-1:], append=len(state["log"]) > 1)
                 bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
                 bar.update()
                 step += 1
