@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -20,30 +19,13 @@ from pyro.poutine.runtime import am_i_wrapped
 from torch import nn
 from torch.distributions import Transform
 
-from ._checks import check_int
+from ._checks import check_int, check_number
 from .transforms import ffjord
 
 
-def _cnf_blocks(
-    num_transforms: int,
-    hidden_dims: Sequence[int],
-    layer: str,
-    activation: str,
-    options: dict[str, Any],
-    latent_dim: int,
-) -> ComposeTransformModule:
+def _cnf_blocks(num_transforms: int, options: dict[str, Any], latent_dim: int) -> ComposeTransformModule:
     """``num_transforms`` FFJORD blocks on the packed latent (a module-level function: picklable)."""
-    return ComposeTransformModule(
-        [ffjord(latent_dim, hidden_dims, layer, activation, **options) for _ in range(num_transforms)]
-    )
-
-
-def _solver_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    """The guide's solver unless the user names one: two rk4 steps, the exact trace (see :class:`AutoFFJORD`)."""
-    defaults: dict[str, Any] = {"divergence": "exact", "adjoint": False}
-    if "method" not in options:
-        defaults.update(method="rk4", options={"step_size": 0.5 * options.get("T", 1.0)})
-    return defaults
+    return ComposeTransformModule([ffjord(latent_dim, **options) for _ in range(num_transforms)])
 
 
 class AutoFFJORD(AutoNormalizingFlow):
@@ -52,25 +34,15 @@ class AutoFFJORD(AutoNormalizingFlow):
     .. math:: q(z) = \text{push-forward of } \mathcal{N}(0, I) \text{ by }
         u \mapsto \mu + \sigma \odot \phi_{\text{CNF}}(u),
 
-    where :math:`\mu` starts at ``init_loc_fn``'s value (so, unlike ``AutoIAFNormal``, the
-    initialization is honoured) and :math:`\sigma` at ``init_scale``; the CNF shapes the rest.
-    It is an :class:`~pyro.infer.autoguide.AutoNormalizingFlow`, so it supports vectorized
-    particles, plates, every ELBO that ``AutoIAFNormal`` supports, and
-    :class:`~pyro.infer.reparam.NeuTraReparam`. With ``regularization={...}`` the RNODE penalty of
-    each sample's solve enters the loss: the guide adds it to its log-density as a
-    ``pyro.factor``, so every ELBO minimizes it along with the negative ELBO.
+    where :math:`\mu` starts at ``init_loc_fn``'s value (unlike ``AutoIAFNormal``) and :math:`\sigma` at
+    ``init_scale``. An :class:`~pyro.infer.autoguide.AutoNormalizingFlow`: plates, vectorized particles, every ELBO
+    of ``AutoIAFNormal`` and :class:`~pyro.infer.reparam.NeuTraReparam` work. With ``regularization`` the RNODE
+    penalty of each solve enters every ELBO's loss as a ``pyro.factor`` on the guide.
 
-    By default the CNF takes two rk4 steps (``method="rk4", options={"step_size": T / 2}``) differentiated
-    directly (``adjoint=False``), with ``divergence="exact"``: on a fixed grid that is the log-determinant of
-    the numerical map itself, so :math:`q` is exactly the density of the samples the guide draws and no
-    optimizer can trade the ELBO against the grid's error. It costs D forward-mode tangents per evaluation,
-    cheap for latents of up to a few hundred dimensions; beyond, pass ``divergence="hutchinson"``.
-    :meth:`get_transform`, which NeuTra and other consumers of a potential call, always solves with the exact
-    trace, so HMC's potential is deterministic whatever the guide trained with. Any other solver may be
-    named (e.g. ``method="dopri5", rtol=1e-5, atol=1e-5`` for the adaptive solve of the paper).
-
-    Posterior draws are fastest in one vectorized solve: ``guide.get_posterior().sample((n,))`` for the
-    packed latent, or ``Predictive(model, guide=guide, num_samples=n, parallel=True)`` for the sites.
+    Defaults: two rk4 steps (``step_size=T/2``), ``adjoint=False``, ``divergence="exact"``, whose log-determinant
+    is that of the numerical map, so :math:`q` is exactly the density of the samples drawn (D tangents per
+    evaluation: pass ``divergence="hutchinson"`` for large latents). :meth:`get_transform` (NeuTra's potential)
+    always uses the exact trace. See ``docs/guides.md``.
 
     Args:
         model: a Pyro model.
@@ -107,14 +79,16 @@ class AutoFFJORD(AutoNormalizingFlow):
         **options: Any,
     ) -> None:
         check_int("num_transforms", num_transforms)
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not 0 < init_scale < math.inf:
-            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+        check_number("init_scale", init_scale)
         if prefix is not None and (not isinstance(prefix, str) or not prefix):
             raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
-        options = {**_solver_defaults(options), **options}
+        defaults: dict[str, Any] = {"divergence": "exact", "adjoint": False}
+        if "method" not in options:  # two rk4 steps (see above)
+            defaults.update(method="rk4", options={"step_size": 0.5 * options.get("T", 1.0)})
+        options = {**defaults, **options, "hidden_dims": hidden_dims, "layer": layer, "activation": activation}
         with torch.device("meta"):  # fail now rather than at the first guide call; meta draws no random numbers
-            ffjord(1, hidden_dims, layer, activation, **options)
-        init_transform_fn = partial(_cnf_blocks, num_transforms, hidden_dims, layer, activation, options)
+            ffjord(1, **options)
+        init_transform_fn = partial(_cnf_blocks, num_transforms, options)
         super().__init__(InitMessenger(init_loc_fn)(model), init_transform_fn)
         self._init_scale = float(init_scale)
         if prefix is not None:
@@ -144,9 +118,7 @@ class AutoFFJORD(AutoNormalizingFlow):
         )
 
     def get_transform(self, *args: Any, **kwargs: Any) -> ComposeTransform:
-        """The CNF blocks followed by the affine map :math:`u \\mapsto \\mu + \\sigma \\odot u`, with the exact
-        trace whatever ``divergence`` the guide trains with: a consumer of the transform, such as
-        :class:`~pyro.infer.reparam.NeuTraReparam`'s HMC potential, needs a deterministic log-determinant."""
+        """:meth:`get_posterior`'s transform, with the exact trace: a deterministic log-determinant for HMC."""
         return self._posterior_transform(self.transform.parts, True)
 
     def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:

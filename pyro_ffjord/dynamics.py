@@ -15,7 +15,8 @@ and, with RNODE regularization (Finlay et al., 2020), the penalties
     \mathcal{B} = \int_0^T \lVert \epsilon^\top \partial f / \partial z \rVert^2 \, dt,
 
 where :math:`\mathbb{E}\lVert \epsilon^\top J \rVert^2 = \lVert J \rVert_F^2`, from the Jacobian rows the
-trace already computed. With ``train_T`` the time is rescaled to :math:`s = t / T \in [0, 1]`, so that the
+trace already computed: the exact trace, or Hutchinson's :math:`\epsilon^\top J \epsilon` with one
+forward-mode JVP (else one VJP). With ``train_T`` the time is rescaled to :math:`s = t / T \in [0, 1]`, so that the
 integration time :math:`T` is an ordinary parameter of the dynamics, differentiated like any weight; a fixed
 :math:`T` is integrated over :math:`[0, T]` as it is. Solver options are in units of :math:`t` either way.
 """
@@ -23,8 +24,7 @@ integration time :math:`T` is an ordinary parameter of the dynamics, differentia
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -32,14 +32,7 @@ import torch._functorch.config
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from ._checks import check_int
-from .divergence import (
-    divergence_exact,
-    divergence_from_jacobian,
-    divergence_hutchinson,
-    divergence_hutchinson_jvp,
-    sample_noise,
-)
+from ._checks import check_int, check_number
 from .settings import ADAPTIVE_STAGES, SETTINGS, TIME_POINT_OPTIONS, TIME_STEP_OPTIONS, SolverSettings
 from .solve import LEAN_METHODS, ODESolveError, integrate, integrate_fixed_grid, stage_times, step_grid
 
@@ -57,20 +50,13 @@ Evaluate = Callable[[Tensor, tuple[Tensor, ...], Any], tuple[Tensor, Tensor, Ten
 
 
 def _compile(net: nn.Module, compile: bool | Mapping[str, Any]) -> tuple[Callable, Callable] | None:
-    """``type(net).forward_and_jacobian`` and :func:`~pyro_ffjord.solve.integrate_fixed_grid` through
-    ``torch.compile`` with the ``compile`` arguments; None: eager.
-
-    The unbound method takes the net as an argument, so that a copy of a flow runs its own net. The code is
-    built at the first call.
-    """
-    if isinstance(compile, bool):
-        arguments = {} if compile else None
-    elif isinstance(compile, Mapping):
-        arguments = dict(compile)
-    else:
-        raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
-    if arguments is None:
+    """``type(net).forward_and_jacobian`` (unbound: a copy of a flow runs its own net) and
+    :func:`~pyro_ffjord.solve.integrate_fixed_grid` through ``torch.compile``, built at the first call; None: eager."""
+    if compile is False:
         return None
+    if compile is not True and not isinstance(compile, Mapping):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {compile!r}")
+    arguments = {} if compile is True else dict(compile)
     if not callable(getattr(type(net), "forward_and_jacobian", None)):
         raise ValueError(
             f"compile needs a net class with a forward_and_jacobian method (ODENet, AmortizedLowRankODENet, "
@@ -83,23 +69,13 @@ def _compile(net: nn.Module, compile: bool | Mapping[str, Any]) -> tuple[Callabl
     # call of ours, so it is cleared for the process.
     if hasattr(torch._functorch.config, "donated_buffer"):
         torch._functorch.config.donated_buffer = False
-    with _keeping_distribution_validation():
-        try:
-            return tuple(torch.compile(f, **arguments) for f in (type(net).forward_and_jacobian, integrate_fixed_grid))
-        except TypeError as error:
-            raise ValueError(f"compile has arguments that torch.compile does not take: {error}") from None
-
-
-@contextmanager
-def _keeping_distribution_validation() -> Iterator[None]:
-    """Puts back torch.distributions' argument validation (``pyro.enable_validation``'s switch), which
-    dynamo turns off for good the first time ``torch.compile`` is called in a process."""
-    validate = Distribution._validate_args
+    validate = Distribution._validate_args  # pyro.enable_validation's switch, which dynamo turns off for good
     try:
-        yield
+        return tuple(torch.compile(f, **arguments) for f in (type(net).forward_and_jacobian, integrate_fixed_grid))
+    except TypeError as error:
+        raise ValueError(f"compile has arguments that torch.compile does not take: {error}") from None
     finally:
-        if Distribution._validate_args != validate:
-            Distribution.set_default_validate_args(validate)
+        Distribution.set_default_validate_args(validate)
 
 
 def _density_error_norm(state: tuple[Tensor, ...]) -> Tensor:
@@ -183,9 +159,13 @@ def _evaluation(
                     raise ValueError(
                         f"net {type(net).__name__} must return dz/dt shaped like z {tuple(z.shape)}, got {got}"
                     )
-                if noise is None:
-                    return f, *divergence_exact(f, z, create_graph)
-                return f, *divergence_hutchinson(f, z, noise, create_graph)
+                if noise is None:  # all D rows of J from one batched VJP over the basis
+                    n, d = z.shape
+                    basis = torch.eye(d, dtype=z.dtype, device=z.device).unsqueeze(1).expand(d, n, d)
+                    (rows,) = torch.autograd.grad(f, z, basis, create_graph=create_graph, is_grads_batched=True)
+                    return f, rows.diagonal(dim1=0, dim2=2).sum(-1), rows
+                (rows,) = torch.autograd.grad(f, z, noise, create_graph=create_graph)  # e^T J
+                return f, (rows * noise).sum(-1), rows
 
         return evaluate
 
@@ -207,15 +187,16 @@ def _evaluation(
     elif noise is None:
 
         def evaluate(t: Tensor, state: tuple[Tensor, ...], folded: Any) -> tuple[Tensor, Tensor, Tensor]:
-            f, jacobian = call(t, state[0], folded)
-            return f, *divergence_from_jacobian(jacobian)
+            f, jacobian = call(t, state[0], folded)  # J^T (N, D, D); its rows returned as (D, N, D)
+            return f, jacobian.diagonal(dim1=-2, dim2=-1).sum(-1), jacobian.transpose(0, 1)
 
     else:
         tangents = noise.unsqueeze(-2)
 
         def evaluate(t: Tensor, state: tuple[Tensor, ...], folded: Any) -> tuple[Tensor, Tensor, Tensor]:
             f, jvp = call(t, state[0], folded, tangents)
-            return f, *divergence_hutchinson_jvp(jvp.squeeze(-2), noise)
+            jvp = jvp.squeeze(-2)  # J e: like e^T J, its squared norm is unbiased for |J|_F^2
+            return f, (jvp * noise).sum(-1), jvp
 
     return evaluate
 
@@ -231,19 +212,11 @@ class ContinuousFlow(nn.Module):
         train_T: learn ``T`` (parameterized as :math:`\log T`).
         divergence, noise, method, rtol, atol, options, adjoint, max_num_steps: the solver, see
             :class:`~pyro_ffjord.settings.SolverSettings` (a learned ``T`` cannot rescale a ``grid_constructor``).
-            On a fixed ``euler``/``midpoint``/``rk4`` grid solved without the adjoint, ``divergence="exact"``
-            gives the log-determinant of the numerical map itself, so the density is exactly that of the map
-            the solve applies.
+            On a lean grid (below), ``divergence="exact"`` is the log-determinant of the numerical map itself.
         regularization: RNODE weights, e.g. ``{"kinetic": 0.01, "jacobian": 0.01}``.
-        compile: run the solve through ``torch.compile``: True, or a dict of its arguments (e.g.
-            ``{"mode": "max-autotune"}``). A lean fixed-grid solve (``euler``/``midpoint``/``rk4`` with a
-            ``step_size``, no adjoint) of a fixed T is compiled whole, every evaluation in one graph; any other
-            solve compiles the net's ``forward_and_jacobian`` (the whole evaluation but the solver's
-            arithmetic). Compiled on the first solve; instances of one net class share the compiled code (up to
-            64 variants: weight shapes, grad modes, ...). Compiled nets
-            support first derivatives only (no ``create_graph`` through a solve). Turns off torch's
-            donated buffers (a memory saving of compiled backward passes that forbids the adjoint's
-            ``retain_graph=True``) for the process.
+        compile: ``torch.compile`` the solve: True, or a dict of its arguments. A lean solve (``euler``/``midpoint``/
+            ``rk4`` with a ``step_size``, no adjoint) of a fixed T is compiled whole; any other, the net's
+            ``forward_and_jacobian``. First derivatives only. Turns off torch's donated buffers for the process.
     """
 
     def __init__(
@@ -266,8 +239,7 @@ class ContinuousFlow(nn.Module):
             declared = getattr(net, name, value)  # nets that declare their sizes (ODENet does) must agree
             if declared != value:
                 raise ValueError(f"net has {name}={declared} but the flow was given {name}={value}")
-        if isinstance(T, bool) or not isinstance(T, (int, float)) or not 0 < T < math.inf:
-            raise ValueError(f"T must be a positive finite number, got {T!r}")
+        check_number("T", T)
         if not isinstance(train_T, bool):
             raise TypeError(f"train_T must be a bool, got {train_T!r}")
         if regularization is not None and not isinstance(regularization, Mapping):
@@ -277,8 +249,7 @@ class ContinuousFlow(nn.Module):
         if unknown:
             raise ValueError(f"regularization has unknown terms {sorted(unknown)}; allowed: {list(REGULARIZERS)}")
         for name, weight in regularization.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
-                raise ValueError(f"regularization[{name!r}] must be a non-negative number, got {weight!r}")
+            check_number(f"regularization[{name!r}]", weight, closed=True)
         self.compile_options = compile
         # built now so that torch.compile rejects a bad backend or mode at construction
         self._compiled = _compile(net, compile)
@@ -378,8 +349,7 @@ class ContinuousFlow(nn.Module):
                 that costs the net's evaluations only (its ``logdet`` is None).
 
         Returns:
-            The flowed states, :math:`\\log|\\det \\partial y / \\partial x|`, the RNODE penalty per sample and
-            the evaluation counts.
+            A :class:`Solution`: states, :math:`\\log|\\det \\partial y / \\partial x|`, RNODE penalty, evaluations.
         """
         s = self.settings
         T = self.T
@@ -389,7 +359,9 @@ class ContinuousFlow(nn.Module):
         rescaled = self.log_T.requires_grad
         end = 1.0 if rescaled else T_value
         regularize = bool(self.regularization) and torch.is_grad_enabled() and density
-        noise = sample_noise(x, s.noise) if density and s.divergence == "hutchinson" and not exact else None
+        noise = None  # Hutchinson's, drawn once per solve: E[e e^T] = I
+        if density and s.divergence == "hutchinson" and not exact:
+            noise = torch.randn_like(x) if s.noise == "gaussian" else torch.randint_like(x, 0, 2).mul_(2).sub_(1)
         evaluations = _Evaluations()
 
         def fail(what: str) -> ODESolveError:
@@ -458,20 +430,10 @@ class ContinuousFlow(nn.Module):
             adjoint_params = [p for p in self.parameters() if p.requires_grad]
             if context is not None and context.requires_grad:
                 adjoint_params.append(context)
+            func = (lambda u, state: dynamics(u * T, state)) if rescaled else dynamics
             options = self._options(T_value, rescaled, regularize, fail)
             try:
-                final = integrate(
-                    (lambda u, state: dynamics(u * T, state)) if rescaled else dynamics,
-                    state,
-                    end=end,
-                    reverse=reverse,
-                    method=s.method,
-                    rtol=s.rtol,
-                    atol=s.atol,
-                    options=options,
-                    adjoint=s.adjoint,
-                    adjoint_params=adjoint_params,
-                )
+                final = integrate(func, state, s, options, end=end, reverse=reverse, adjoint_params=adjoint_params)
             except ODESolveError as error:
                 raise fail(f"failed ({error})") from error
         evaluations.solved = True

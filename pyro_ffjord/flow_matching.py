@@ -17,11 +17,8 @@ and the loss, with a time :math:`s \sim p(s)` on :math:`(0, 1)` per sample, is
 .. math:: \mathcal{L} = \mathbb{E}_{s, x, \epsilon}\, \tfrac{1}{D} \lVert T f(x_s, sT) - u_s \rVert^2,
 
 minimized by :math:`f(z, t) = \mathbb{E}[u_s \mid x_s = z] / T`, the field whose flow carries the
-data distribution (convolved with :math:`\mathcal{N}(0, \sigma_{\min}^2 I)`) to the base. The regression is
-pointwise in :math:`s`, so every time law with a positive density on :math:`(0, 1)` has this minimizer; the law
-only weighs the field's errors across times, which sets what a finite training run learns first. The uniform
-law is Lipman et al.'s; the logit-normal, :math:`s = \operatorname{sigmoid}(n)`, :math:`n \sim \mathcal{N}(0, 1)`,
-which draws fewer times near either end, is Esser et al.'s (ICML 2024).
+data distribution (convolved with :math:`\mathcal{N}(0, \sigma_{\min}^2 I)`) to the base, whatever the time law
+with a positive density on :math:`(0, 1)`: the law only weighs the errors across times.
 """
 
 from __future__ import annotations
@@ -33,7 +30,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .transforms import FFJORD, ConditionalFFJORD, _check_tensor, _flatten_batch
+from ._checks import check_choice, check_number, check_tensor
+from .transforms import FFJORD, ConditionalFFJORD, _flatten_batch
 
 COUPLINGS = ("independent", "ot")
 TIMES = ("uniform", "logit-normal")
@@ -74,10 +72,8 @@ def flow_matching_loss(
     e.g. ``TransformedDistribution(Normal(0, I), [transform]).log_prob(x)`` gives the exact (or Hutchinson)
     log-density of the learned flow.
 
-    The integration time is read, not trained: the path is stretched over the current :math:`[0, T]` and
-    the loss has no gradient with respect to :math:`T` (any :math:`T` gives the same flow map once
-    :math:`f` has learnt :math:`u / T`), so a ``train_T`` transform keeps its :math:`T` under flow matching
-    and learns it only from a likelihood loss. Regularizers (RNODE) do not enter this loss.
+    :math:`T` is read, not trained (any :math:`T` gives the same flow map once :math:`f` has learnt :math:`u / T`);
+    RNODE regularizers do not enter this loss.
 
     Args:
         transform: an :class:`~pyro_ffjord.FFJORD`, or a :class:`~pyro_ffjord.ConditionalFFJORD`
@@ -91,9 +87,8 @@ def flow_matching_loss(
             batch by the exact minibatch optimal-transport permutation (:func:`ot_coupling`), which straightens
             the learned paths (fewer solver steps). With a context, ``"ot"`` would pair noise with data
             across contexts and bias every conditional density, so it is refused.
-        time: the law of :math:`s = t / T`: ``"uniform"``, ``"logit-normal"`` (see the module docstring), or a
-            scalar :class:`~torch.distributions.Distribution` with support in :math:`[0, 1]`, e.g.
-            ``pyro.distributions.Beta(2.0, 2.0)``. It changes what a finite run learns, not the loss's minimizer.
+        time: the law of :math:`s = t / T`: ``"uniform"`` (Lipman et al.), ``"logit-normal"``, the sigmoid of a
+            standard normal (Esser et al., ICML 2024), or a scalar ``Distribution`` on :math:`[0, 1]`.
 
     Returns:
         The loss, a differentiable scalar.
@@ -113,7 +108,7 @@ def flow_matching_loss(
                 "use coupling='independent' with a context"
             )
         conditioned = transform.condition(context)
-        flow, context = conditioned._flow, conditioned._context
+        flow, context = conditioned.flow, conditioned._context
     elif isinstance(transform, FFJORD):
         if context is not None:
             raise ValueError("an FFJORD transform takes no context; use a ConditionalFFJORD")
@@ -123,12 +118,10 @@ def flow_matching_loss(
             f"transform must be an FFJORD or a ConditionalFFJORD (one CNF whose field is trained), "
             f"got {type(transform).__name__}; a multiscale or stacked flow has no single path to match"
         )
-    if coupling not in COUPLINGS:
-        raise ValueError(f"coupling must be one of {list(COUPLINGS)}, got {coupling!r}")
+    check_choice("coupling", coupling, COUPLINGS)
     draw_times = _time_sampler(time)
-    if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)) or not 0 <= sigma_min < 1:
-        raise ValueError(f"sigma_min must be a number in [0, 1), got {sigma_min!r}")
-    _, x, context = _flatten_batch("x", _check_tensor("x", x, flow.input_dim, flow.log_T), context)
+    check_number("sigma_min", sigma_min, high=1.0, closed=True)
+    _, x, context = _flatten_batch("x", check_tensor("x", x, (flow.input_dim,), flow.log_T), context)
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one sample")
     noise = torch.randn_like(x)

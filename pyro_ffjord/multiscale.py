@@ -1,12 +1,10 @@
 r"""Multiscale FFJORD for images: conv dynamics, squeeze, factor-out, logit pre-processing, bits/dim.
 
-The architecture of the FFJORD image experiments (Grathwohl et al., 2019, Sec. 5.2), itself the
-multiscale design of RealNVP (Dinh et al., 2017): from data to base, images in :math:`[0, 1]` go
-through a logit, then each scale applies CNF blocks, a squeeze :math:`(C, H, W) \to (4C, H/2, W/2)`,
-more CNF blocks, and sends half of the channels directly to the base. Every CNF block is a
-:class:`~pyro_ffjord.dynamics.ContinuousFlow` on the flattened image whose dynamics are a
-time-conditioned conv net, so the exact trace, Hutchinson's estimator, the RNODE regularizers and
-:func:`~pyro_ffjord.solver_settings` all apply unchanged.
+The architecture of the FFJORD image experiments (Grathwohl et al., 2019, Sec. 5.2), itself RealNVP's (Dinh et
+al., 2017): from data to base, images in :math:`[0, 1]` go through a logit, then each scale applies CNF blocks, a
+squeeze :math:`(C, H, W) \to (4C, H/2, W/2)`, more CNF blocks, and sends half of the channels directly to the base.
+Every block is a :class:`~pyro_ffjord.dynamics.ContinuousFlow` whose dynamics are a time-conditioned conv net, so
+the trace estimators, RNODE regularizers and :func:`~pyro_ffjord.solver_settings` apply unchanged.
 """
 
 from __future__ import annotations
@@ -23,10 +21,10 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 from torch.nn import functional as F
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, check_number, check_tensor, positive_ints
 from .dynamics import ContinuousFlow, Solution
 from .nets import _ACTIVATION_JVPS, ACTIVATIONS, _check_time, _fold_gate_and_shift
-from .transforms import _check_tensor, _CNFTransform
+from .transforms import _CNFTransform
 
 
 class ConcatConv2d(nn.Module):
@@ -82,21 +80,6 @@ class ConcatSquashConv2d(nn.Module):
 CONV_LAYERS: dict[str, type[nn.Module]] = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d}
 
 
-def _positive_ints(name: str, value: object, length: int | None = None) -> tuple[int, ...]:
-    """``value`` as a tuple of positive integers, else a ``ValueError`` naming ``name``."""
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise TypeError(f"{name} must be a sequence of positive integers, got {value!r}")
-    value = tuple(value)
-    if (
-        not value
-        or (length is not None and len(value) != length)
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        size = f"{length} " if length is not None else ""
-        raise ValueError(f"{name} must be {size}positive integers, got {value!r}")
-    return value
-
-
 class ConvODENet(nn.Module):
     r"""Time-conditioned conv net ``f(t, z)`` on flattened images, for :class:`ContinuousFlow`.
 
@@ -125,15 +108,14 @@ class ConvODENet(nn.Module):
         activation: str = "softplus",
     ) -> None:
         super().__init__()
-        self.input_shape = _positive_ints("input_shape", input_shape, 3)
-        hidden_channels = _positive_ints("hidden_channels", hidden_channels)
+        self.input_shape = positive_ints("input_shape", input_shape, 3)
+        hidden_channels = positive_ints("hidden_channels", hidden_channels)
         check_choice("layer", layer, CONV_LAYERS)
         check_choice("activation", activation, ACTIVATIONS)
         self.input_dim = math.prod(self.input_shape)
         widths = (self.input_shape[0], *hidden_channels, self.input_shape[0])
         self.layers = nn.ModuleList(CONV_LAYERS[layer](c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:]))
-        self.activation = ACTIVATIONS[activation]()
-        self._activation_jvp = _ACTIVATION_JVPS[activation]
+        self.activation, self._activation = ACTIVATIONS[activation](), activation
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         _check_time(t, z.shape[:-1])
@@ -147,11 +129,8 @@ class ConvODENet(nn.Module):
     def forward_and_jacobian(self, t: Tensor, z: Tensor, tangents: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""``f(t, z)`` and the Jacobian-vector products :math:`J v_j` of ``tangents`` ``(N, k, D)``.
 
-        The tangents go through the same (time-gated) convolutions without bias or time channel, scaled by the
-        activation's derivative: one extra batch of k images per image, no autograd (see
-        :meth:`~pyro_ffjord.nets.ODENet.forward_and_jacobian`); with one Hutchinson vector this replaces
-        the vector-Jacobian product and its double backward in training. ``None`` means the D basis
-        vectors (the exact trace, D images per image: only for small images).
+        As :meth:`~pyro_ffjord.nets.ODENet.forward_and_jacobian`: k extra images per image through the same
+        convolutions (``None``: the D basis vectors, for small images only).
         """
         _check_time(t, z.shape[:-1])
         n = z.shape[0]
@@ -164,7 +143,8 @@ class ConvODENet(nn.Module):
             pre, v = layer.forward_and_jvp(t, h, v)
             if i < len(self.layers) - 1:
                 h = self.activation(pre)
-                v = self._activation_jvp(v.unflatten(0, (n, k)), pre.unsqueeze(1), h.unsqueeze(1)).flatten(0, 1)
+                v = _ACTIVATION_JVPS[self._activation](v.unflatten(0, (n, k)), pre.unsqueeze(1), h.unsqueeze(1))
+                v = v.flatten(0, 1)
             else:
                 h = pre
         return h.reshape(z.shape), v.reshape(n, k, -1)
@@ -185,16 +165,13 @@ class Squeeze(Transform):
         return isinstance(other, Squeeze)
 
     def _call(self, x: Tensor) -> Tensor:
-        *batch, c, h, w = x.shape
+        c, h, w = x.shape[-3:]
         if h % 2 or w % 2:
             raise ValueError(f"Squeeze needs an even height and width, got an image of shape {(c, h, w)}")
-        x = x.reshape(*batch, c, h // 2, 2, w // 2, 2).movedim((-3, -1), (-4, -3))
-        return x.reshape(*batch, 4 * c, h // 2, w // 2)
+        return F.pixel_unshuffle(x, 2)
 
     def _inverse(self, y: Tensor) -> Tensor:
-        *batch, c4, h, w = y.shape
-        y = y.reshape(*batch, c4 // 4, 2, 2, h, w).movedim((-4, -3), (-3, -1))
-        return y.reshape(*batch, c4 // 4, 2 * h, 2 * w)
+        return F.pixel_shuffle(y, 2)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return x.new_zeros(x.shape[:-3])
@@ -221,8 +198,7 @@ class LogitTransform(Transform):
     sign = 1
 
     def __init__(self, alpha: float = 1e-6) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
-            raise ValueError(f"alpha must be a number in (0, 0.5), got {alpha!r}")
+        check_number("alpha", alpha, high=0.5)
         super().__init__()
         self.alpha = float(alpha)
         # everything the logit accepts and its inverse returns: [0, 1] widened by alpha / (1 - 2 alpha)
@@ -256,10 +232,8 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
 
     .. math:: \log p(x) = \log \mathcal{N}(z; 0, I) + \log\left|\det \frac{\partial z}{\partial x}\right|,
 
-    with the CNF log-determinants integrated as in :class:`~pyro_ffjord.FFJORD` (one solve per block;
-    Rademacher Hutchinson noise by default) and the logit's exact. ``t.inv(images)`` maps data to base,
-    ``t(z)`` base to data; each solve is cached with its log-determinant as in ``FFJORD``, so
-    ``log_prob(x)`` and ``log_prob(rsample())`` each cost one solve per block.
+    with the blocks' log-determinants as in :class:`~pyro_ffjord.FFJORD` (cached the same way: one solve per block
+    for ``log_prob(x)`` or ``log_prob(rsample())``) and the logit's exact. ``t.inv(images)`` maps data to base.
 
     Args:
         input_shape: ``(C, H, W)``; H and W must be divisible by :math:`2^{n\_scales - 1}`.
@@ -269,9 +243,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         layer: time conditioning of the conv layers, ``"concat"`` or ``"concatsquash"``.
         activation: nonlinearity of the conv nets, see :data:`~pyro_ffjord.nets.ACTIVATIONS`.
         alpha: the :class:`LogitTransform`'s :math:`\alpha`.
-        **options: CNF options of every block: ``T``, ``train_T``, ``divergence``, ``noise``, ``method``,
-            ``rtol``, ``atol``, ``options``, ``adjoint``, ``max_num_steps``, ``regularization``, ``compile``
-            (see :class:`~pyro_ffjord.dynamics.ContinuousFlow`).
+        **options: CNF options of every block, as for :class:`~pyro_ffjord.FFJORD`.
 
     Example:
         >>> import pyro.distributions as dist
@@ -296,7 +268,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         **options: Any,
     ) -> None:
         super().__init__(cache_size=0)
-        c, h, w = _positive_ints("input_shape", input_shape, 3)
+        c, h, w = positive_ints("input_shape", input_shape, 3)
         check_int("n_scales", n_scales)
         check_int("n_blocks", n_blocks)
         factor = 2 ** (n_scales - 1)
@@ -307,7 +279,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
             )
         if isinstance(hidden_channels, int) and not isinstance(hidden_channels, bool):
             hidden_channels = (hidden_channels,) * 3
-        hidden_channels = _positive_ints("hidden_channels", hidden_channels)
+        hidden_channels = positive_ints("hidden_channels", hidden_channels)
         self.input_shape = (c, h, w)
         self.logit = LogitTransform(alpha)
         self.codomain = self.logit.domain  # the support of the images: [0, 1], up to the logit's margin
@@ -334,9 +306,6 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
         """Every CNF block, in order from data to base."""
         stages = chain.from_iterable(zip(self.pre, [*self.post, []]))
         return [flow for stage in stages for flow in stage]
-
-    def _flows(self) -> list[ContinuousFlow]:
-        return self.flows
 
     def _read(self) -> list[Tensor]:
         return [*self.parameters(), *self.buffers()]
@@ -380,13 +349,7 @@ class MultiscaleFFJORD(_CNFTransform, TransformModule):
     def _solve(
         self, value: Tensor, name: str, reverse: bool, density: bool = True
     ) -> tuple[Tensor, Tensor | None, tuple[Solution, ...]]:
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() < 3 or tuple(value.shape[-3:]) != self.input_shape:
-            raise ValueError(
-                f"{name} must have shape (..., {', '.join(map(str, self.input_shape))}), got {tuple(value.shape)}"
-            )
-        _check_tensor(name, value.flatten(-3), math.prod(self.input_shape), self.flows[0].log_T)
+        check_tensor(name, value, self.input_shape, self.flows[0].log_T)
         if not reverse and not self.codomain.base_constraint.check(value).all():
             raise ValueError(f"{name} must hold pixels in [0, 1], e.g. from pyro_ffjord.dequantize")
         batch = value.shape[:-3]
@@ -418,8 +381,7 @@ def dequantize(images: Tensor, num_bins: int = 256, generator: torch.Generator |
     Returns:
         Float pixels in :math:`[0, 1)`, the default float dtype unless ``images`` is floating point.
     """
-    if not isinstance(images, Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    check_tensor("images", images)
     check_int("num_bins", num_bins, least=2)
     x = images if images.is_floating_point() else images.to(torch.get_default_dtype())
     if not ((x >= 0) & (x <= num_bins - 1) & (x == x.round())).all():
@@ -447,8 +409,5 @@ def bits_per_dim(log_prob: Tensor, num_dims: int, num_bins: int = 256) -> Tensor
     """
     check_int("num_dims", num_dims)
     check_int("num_bins", num_bins, least=2)
-    if not isinstance(log_prob, Tensor):
-        raise TypeError(f"log_prob must be a torch.Tensor, got {type(log_prob).__name__}")
-    if not torch.isfinite(log_prob).all():
-        raise ValueError("log_prob contains NaN or inf")
+    check_tensor("log_prob", log_prob)
     return (-log_prob + num_dims * math.log(num_bins)) / (num_dims * math.log(2))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, positive_ints
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -25,31 +25,15 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def _tanh_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
-    return torch.ops.aten.tanh_backward(tangents, out)
-
-
-def _softplus_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
-    return torch.ops.aten.softplus_backward(tangents, pre, 1.0, 20.0)  # nn.Softplus's beta and threshold
-
-
-def _elu_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
-    return torch.ops.aten.elu_backward(tangents, 1.0, 1, 1, True, out)  # nn.ELU's alpha; from the output
-
-
-def _silu_jvp(tangents: Tensor, pre: Tensor, out: Tensor) -> Tensor:
-    return tangents * (torch.sigmoid(pre) * (1 + pre - out))  # aten's silu_backward has no derivative
-
-
-# sigma'(pre) * tangents, given pre and out = sigma(pre), for forward-mode Jacobians. aten's
-# activation-backward kernels do it in one differentiable op; module-level so that nets pickle.
+# sigma'(pre) * v from pre and out = sigma(pre), for forward-mode Jacobians: aten's activation-backward kernels,
+# one differentiable op each (its silu_backward has no derivative). Nets look them up by name: lambdas do not pickle.
 _ACTIVATION_JVPS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "tanh": _tanh_jvp,
-    "softplus": _softplus_jvp,
-    "elu": _elu_jvp,
-    "silu": _silu_jvp,
-    "swish": _silu_jvp,
+    "tanh": lambda v, pre, out: torch.ops.aten.tanh_backward(v, out),
+    "softplus": lambda v, pre, out: torch.ops.aten.softplus_backward(v, pre, 1.0, 20.0),  # nn.Softplus's defaults
+    "elu": lambda v, pre, out: torch.ops.aten.elu_backward(v, 1.0, 1, 1, True, out),  # nn.ELU's alpha, from out
+    "silu": lambda v, pre, out: v * (torch.sigmoid(pre) * (1 + pre - out)),
 }
+_ACTIVATION_JVPS["swish"] = _ACTIVATION_JVPS["silu"]
 
 
 def time_features(t: Tensor, frequencies: Tensor | None) -> Tensor:
@@ -100,9 +84,8 @@ class _ConditionedLinear(nn.Module):
     r"""A linear layer :math:`h = (W x + b) \odot g(c) + s(c)` whose gate and shift depend on :math:`c`, the time
     features (and the context, per sample).
 
-    Without context and with one time for the batch, :meth:`affine` folds the gate and shift into one weight and
-    bias per evaluation: one ``addmm`` per layer and none of the per-sample gating, for the output and for the
-    tangents alike.
+    Without context and with one time for the batch, the gate and shift are folded into one weight and bias per
+    evaluation: one ``addmm`` per layer, for the output and the tangents alike.
     """
 
     linear: nn.Linear
@@ -111,11 +94,6 @@ class _ConditionedLinear(nn.Module):
         """:math:`W` ``(out, in)``, :math:`b`, :math:`g` and :math:`s` (None: absent) at time features ``t``
         ``(..., time_dim)`` and ``context`` ``(..., C)`` (or None)."""
         raise NotImplementedError
-
-    def affine(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """The layer's weight ``(out, in)`` and bias ``(out,)`` at time features ``t`` ``(time_dim,)``, without
-        context; at K times ``(K, time_dim)``, K of each (a weight may then be shared by all times)."""
-        return _fold_gate_and_shift(*self.terms(t, None))
 
     def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         return self.forward_and_jvp(t, x, None, context, jvp=False)[0]
@@ -132,11 +110,11 @@ class _ConditionedLinear(nn.Module):
         """The output and, if ``jvp``, the tangents ``(N, k, in)`` pushed forward (see :class:`ODENet`).
 
         ``t`` holds time features (see :func:`time_features`): ``(time_dim,)`` for the whole batch or
-        ``(N, time_dim)`` per sample. ``affine``: this layer's :meth:`affine` at ``t``, computed beforehand.
+        ``(N, time_dim)`` per sample. ``affine``: this layer's folded weight and bias at ``t``, computed beforehand.
         """
         if affine is None and (context is not None or t.dim() > 1):
             return self.conditioned(t, x, tangents, context, jvp)
-        weight, bias = self.affine(t.to(x)) if affine is None else affine
+        weight, bias = _fold_gate_and_shift(*self.terms(t.to(x), None)) if affine is None else affine
         return F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
 
     def conditioned(
@@ -154,23 +132,6 @@ def _cat(t: Tensor, context: Tensor | None) -> Tensor:
     return t if context is None else torch.cat([t, context], dim=-1)
 
 
-class ConcatSquashLinear(_ConditionedLinear):
-    r"""Linear layer gated and shifted by the time and context.
-
-    .. math:: h = (W x + b) \odot \sigma(A [t, c] + a) + B [t, c]
-    """
-
-    def __init__(self, in_features: int, out_features: int, context_dim: int = 0, time_dim: int = 1) -> None:
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features)
-        self.gate = nn.Linear(time_dim + context_dim, out_features)
-        self.shift = nn.Linear(time_dim + context_dim, out_features, bias=False)
-
-    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        c = _cat(t, context)
-        return self.linear.weight, self.linear.bias, torch.sigmoid(self.gate(c)), self.shift(c)
-
-
 class SquashLinear(_ConditionedLinear):
     r"""Linear layer gated by the time and context: :math:`h = (W x + b) \odot \sigma(A [t, c] + a)`."""
 
@@ -178,9 +139,23 @@ class SquashLinear(_ConditionedLinear):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
         self.gate = nn.Linear(time_dim + context_dim, out_features)
+        self.shift: nn.Linear | None = None
 
-    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, None]:
-        return self.linear.weight, self.linear.bias, torch.sigmoid(self.gate(_cat(t, context))), None
+    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        c = _cat(t, context)
+        shift = None if self.shift is None else self.shift(c)
+        return self.linear.weight, self.linear.bias, torch.sigmoid(self.gate(c)), shift
+
+
+class ConcatSquashLinear(SquashLinear):
+    r"""Linear layer gated and shifted by the time and context.
+
+    .. math:: h = (W x + b) \odot \sigma(A [t, c] + a) + B [t, c]
+    """
+
+    def __init__(self, in_features: int, out_features: int, context_dim: int = 0, time_dim: int = 1) -> None:
+        super().__init__(in_features, out_features, context_dim, time_dim)
+        self.shift = nn.Linear(time_dim + context_dim, out_features, bias=False)
 
 
 class ConcatLinear(_ConditionedLinear):
@@ -222,10 +197,8 @@ LAYERS: dict[str, type[nn.Module]] = {
 class ODENet(nn.Module):
     r"""Multilayer perceptron ``f(t, z[, context])`` whose every layer sees the time (and context).
 
-    The time ``t`` is one element for the whole batch (an ODE solve: the time terms of each layer are
-    folded into its weight and bias once per call) or one per sample, shaped like ``z``'s batch (flow
-    matching, which draws a time per sample). Each layer sees :math:`t`, or with ``time_frequencies``
-    :math:`K > 0` the features :math:`[t, \cos(\pi k t), \sin(\pi k t)]_{k=1}^K` (see :func:`time_features`).
+    The time ``t`` is one element for the whole batch (an ODE solve) or one per sample, shaped like ``z``'s batch
+    (flow matching); each layer sees :func:`time_features` of it.
 
     Args:
         input_dim: dimension D of the state ``z``.
@@ -254,11 +227,7 @@ class ODENet(nn.Module):
         check_int("input_dim", input_dim)
         check_int("time_frequencies", time_frequencies, least=0)
         check_int("context_dim", context_dim, least=0)
-        if not isinstance(hidden_dims, Sequence) or isinstance(hidden_dims, str):
-            raise TypeError(f"hidden_dims must be a sequence of positive integers, got {hidden_dims!r}")
-        hidden_dims = tuple(hidden_dims)
-        if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be a sequence of positive integers, got {hidden_dims!r}")
+        hidden_dims = positive_ints("hidden_dims", hidden_dims, empty=True)
         check_choice("layer", layer, LAYERS)
         check_choice("activation", activation, ACTIVATIONS)
         self.input_dim = input_dim
@@ -272,8 +241,7 @@ class ODENet(nn.Module):
         )
         frequencies = math.pi * torch.arange(1, time_frequencies + 1) if time_frequencies else None
         self.register_buffer("frequencies", frequencies)
-        self.activation = ACTIVATIONS[activation]()
-        self._activation_jvp = _ACTIVATION_JVPS[activation]
+        self.activation, self._activation = ACTIVATIONS[activation](), activation
 
     def _check_inputs(self, t: Tensor, z: Tensor, context: Tensor | None) -> None:
         """Clear errors for calls that would fail deep inside the layers (cheap: shapes only)."""
@@ -307,7 +275,7 @@ class ODENet(nn.Module):
         times = time_features(t, self.frequencies).reshape(t.shape[0], -1)
         per_layer = []
         for layer in self.layers:
-            weight, bias = layer.affine(times)
+            weight, bias = _fold_gate_and_shift(*layer.terms(times, None))  # K of each, or one shared by all
             # a term that the time does not change (no time dimension) is shared by every time
             weights = weight.unbind(0) if weight.dim() == 3 else (weight,) * t.shape[0]
             biases = bias.unbind(0) if bias.dim() == 2 else (bias,) * t.shape[0]
@@ -328,10 +296,8 @@ class ODENet(nn.Module):
         batched matrix product per layer. ``tangents`` ``(N, k, D)`` holds k vectors :math:`v_j` per sample
         and the result ``(N, k, D)`` their images :math:`J v_j`, e.g. for Hutchinson's estimator
         :math:`\epsilon^\top J \epsilon`; ``None`` stands for the D basis vectors, so the result is
-        :math:`J^\top` (the exact trace, where autograd needs D vector-Jacobian products). Either way it
-        is an ordinary differentiable graph: the dynamics need no ``create_graph`` (no double backward
-        in training) and, under ``torch.no_grad``, record nothing at all. ``affines``: one time's entry
-        of :meth:`fold_time`, which then stands for ``t``.
+        :math:`J^\top` (the exact trace). Either way an ordinary differentiable graph: no double backward in
+        training. ``affines``: one time's entry of :meth:`fold_time`, which then stands for ``t``.
 
         Example:
             >>> net = ODENet(3, (8,))
@@ -352,7 +318,7 @@ class ODENet(nn.Module):
             pre, jvp = self._layer(i, t, h, jvp, context, jvp=True, affine=None if affines is None else affines[i])
             if i < len(self.layers) - 1:
                 h = self.activation(pre)
-                jvp = self._activation_jvp(jvp, pre.unsqueeze(-2), h.unsqueeze(-2))
+                jvp = _ACTIVATION_JVPS[self._activation](jvp, pre.unsqueeze(-2), h.unsqueeze(-2))
             else:
                 h = pre
         return h, jvp.expand(z.shape[0], *jvp.shape[1:])
@@ -418,12 +384,6 @@ class AmortizedLowRankODENet(ODENet):
         self._split = [n for w_in, w_out in self._shapes for n in (w_in * rank, rank * w_out, w_out)]
         self.context_dim = sum(self._split)
 
-    def _low_rank(self, i: int, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer ``i``'s amortized ``U / sqrt(d r)``, shape ``(N, d_in, r)``, ``V`` ``(N, r, d_out)`` and bias."""
-        u, v, b = context.split(self._split, dim=-1)[3 * i : 3 * i + 3]
-        w_in, w_out = self._shapes[i]
-        return u.view(-1, w_in, self.rank) / math.sqrt(w_in * self.rank), v.view(-1, self.rank, w_out), b
-
     def _layer(
         self,
         i: int,
@@ -434,7 +394,9 @@ class AmortizedLowRankODENet(ODENet):
         jvp: bool,
         affine: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        u, v, b = self._low_rank(i, context)
+        u, v, b = context.split(self._split, dim=-1)[3 * i : 3 * i + 3]  # layer i's U (N, d_in r), V, bias
+        (w_in, w_out), r = self._shapes[i], self.rank
+        u, v = u.view(-1, w_in, r) / math.sqrt(w_in * r), v.view(-1, r, w_out)
         pre, jvp_out = super()._layer(i, t, h, tangents, None, jvp, affine)
         pre = pre + torch.bmm(torch.bmm(h.unsqueeze(1), u), v).squeeze(1) + b
         if jvp:  # tangents (N, k, in) -> (N, k, out); the identity gives (U V) itself

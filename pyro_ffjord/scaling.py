@@ -1,8 +1,4 @@
-r"""Data scaling as an invertible Pyro transform, so that a density fit in scaled units is reported in the data's.
-
-Appended last to a flow's transforms (base → CNF → scaling → data), the affine map
-:math:`x = \mu + L y` contributes its log-determinant :math:`\sum_i \log L_{ii}` to every ``log_prob``.
-"""
+"""Data scaling as an invertible Pyro transform, so that a density fit in scaled units is reported in the data's."""
 
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -10,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_choice, check_int
+from ._checks import check_choice, check_int, check_number
 
 NOISES = ("rademacher", "gaussian")
 DIVERGENCES = ("hutchinson", "exact")
@@ -36,11 +35,6 @@ ADAPTIVE_STAGES = MappingProxyType({"dopri8": 13, "dopri5": 6, "bosh3": 3, "fehl
 # Options in units of the solver's time: step lengths, and lists of times.
 TIME_STEP_OPTIONS = ("step_size", "first_step", "min_step", "max_step")
 TIME_POINT_OPTIONS = ("step_t", "jump_t")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,8 +67,8 @@ class SolverSettings:
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("noise", self.noise, NOISES)
         check_choice("method", self.method, tuple(METHOD_OPTIONS))
-        _check_positive("rtol", self.rtol)
-        _check_positive("atol", self.atol)
+        check_number("rtol", self.rtol)
+        check_number("atol", self.atol)
         if not isinstance(self.adjoint, bool):
             raise TypeError(f"adjoint must be a bool, got {self.adjoint!r}")
         check_int("max_num_steps", self.max_num_steps)
@@ -93,7 +87,7 @@ class SolverSettings:
             if options.get("step_size") is None and options.get("grid_constructor") is None:
                 raise ValueError(f"fixed-grid method {self.method!r} needs options={{'step_size': h}} with h > 0")
             if options.get("step_size") is not None:
-                _check_positive("options['step_size']", options["step_size"])
+                check_number("options['step_size']", options["step_size"])
         if "max_iters" in options:
             check_int("options['max_iters']", options["max_iters"])
         options = dict(options)

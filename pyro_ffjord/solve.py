@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
+
+if TYPE_CHECKING:
+    from .settings import SolverSettings
 
 
 class ODESolveError(ValueError, RuntimeError):
@@ -52,14 +55,9 @@ def integrate_fixed_grid(
     grid: Sequence[float],
     method: str,
 ) -> tuple[Tensor, ...]:
-    """Runge-Kutta steps of ``d state/ds = f(s, state)`` between consecutive times of ``grid``.
-
-    The solve path without an ODE library's per-step bookkeeping: a loop over the stages, differentiated by
-    autograd (no adjoint). ``func(i, state)`` is :math:`f` at the i-th of :func:`stage_times`, so that
-    whatever depends on the time alone can be computed for all of them beforehand.
-
-    Returns:
-        The state at ``grid[-1]``.
+    """Runge-Kutta steps of ``d state/ds = f(s, state)`` over ``grid``, differentiated by autograd (no adjoint)
+    and without an ODE library's per-step bookkeeping. ``func(i, state)`` is :math:`f` at the i-th of
+    :func:`stage_times`, so that what depends on the time alone can be computed beforehand; returns the final state.
     """
     _, stages, weights = _TABLEAUS[method]
     evaluation = 0
@@ -74,13 +72,8 @@ def integrate_fixed_grid(
 
 
 def step_grid(num_steps: int, step_size: float) -> Callable[[Any, Tensor, Tensor], Tensor]:
-    """A torchdiffeq ``grid_constructor``: ``num_steps`` steps of ``step_size`` from ``t[0]``, the last one ending
-    at ``t[-1]``.
-
-    It is the grid of torchdiffeq's ``step_size`` option with the number of steps decided by the caller:
-    torchdiffeq's count, a ceiling rounded in the dtype of ``t``, adds a step of ~1e-7 where the span is a
-    multiple of ``step_size`` up to that rounding.
-    """
+    """A torchdiffeq ``grid_constructor``: ``num_steps`` steps of ``step_size`` from ``t[0]``, the last ending at
+    ``t[-1]`` (torchdiffeq's own count, a ceiling in ``t``'s dtype, can add a step of ~1e-7)."""
 
     def grid_constructor(func: Any, y0: Tensor, t: Tensor) -> Tensor:
         # t decreases in a reverse solve and in the adjoint pass: torchdiffeq passes it to us unflipped
@@ -93,41 +86,34 @@ def step_grid(num_steps: int, step_size: float) -> Callable[[Any, Tensor, Tensor
 
 
 def integrate(
-    func: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
+    func: Callable,
     state: tuple[Tensor, ...],
+    settings: SolverSettings,
+    options: Mapping[str, Any],
     *,
     end: float,
     reverse: bool,
-    method: str,
-    rtol: float,
-    atol: float,
-    options: Mapping[str, Any],
-    adjoint: bool,
     adjoint_params: Sequence[Tensor],
 ) -> tuple[Tensor, ...]:
     """Integrates ``d state/ds = func(s, state)`` over ``s`` from 0 to ``end`` (back to 0 if ``reverse``).
 
-    With ``adjoint`` the gradients come from the adjoint ODE (Chen et al., 2018) with respect to
-    the initial state and every tensor in ``adjoint_params``; otherwise autograd backpropagates
-    through the solver's operations. ``options["max_num_steps"]`` bounds the forward solve only: the
-    adjoint backward solve is bounded by ``func``.
+    ``settings`` gives ``method``, ``rtol``, ``atol`` and ``adjoint`` (a :class:`~pyro_ffjord.SolverSettings`): with
+    ``adjoint`` the gradients come from the adjoint ODE (Chen et al., 2018) with respect to the initial state and
+    ``adjoint_params``. ``options["max_num_steps"]`` bounds the forward solve only: ``func`` bounds the adjoint's.
 
     Raises:
         ODESolveError: the solver gave up (a vanishing step, or more than ``max_num_steps`` steps).
-
-    Returns:
-        The state at the final time.
     """
-    s = torch.tensor([end, 0.0] if reverse else [0.0, end], dtype=state[0].dtype, device=state[0].device)
-    kwargs = dict(rtol=rtol, atol=atol, method=method, options=dict(options))
+    t = torch.tensor([end, 0.0] if reverse else [0.0, end], dtype=state[0].dtype, device=state[0].device)
+    kwargs = dict(rtol=settings.rtol, atol=settings.atol, method=settings.method, options=dict(options))
     try:
-        if adjoint and torch.is_grad_enabled():
+        if settings.adjoint and torch.is_grad_enabled():
             backward = {k: v for k, v in options.items() if k not in ("norm", "max_num_steps")}
             solution = odeint_adjoint(
-                func, state, s, adjoint_params=tuple(adjoint_params), adjoint_options=backward, **kwargs
+                func, state, t, adjoint_params=tuple(adjoint_params), adjoint_options=backward, **kwargs
             )
         else:
-            solution = odeint(func, state, s, **kwargs)
+            solution = odeint(func, state, t, **kwargs)
     except AssertionError as error:  # torchdiffeq reports a vanishing step or its step limit with an assert
         raise ODESolveError(str(error)) from error
     return tuple(component[-1] for component in solution)

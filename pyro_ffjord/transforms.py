@@ -27,24 +27,9 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor
 from torch.distributions import Transform
 
-from ._checks import check_int
+from ._checks import check_int, check_tensor
 from .dynamics import NFE, ContinuousFlow, Solution
 from .nets import AmortizedLowRankODENet, ODENet
-
-
-def _check_tensor(name: str, value: object, size: int, like: Tensor) -> Tensor:
-    """Checks that ``value`` is a finite tensor of shape ``(..., size)`` with ``like``'s dtype/device."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype != like.dtype:
-        raise TypeError(f"{name} must have dtype {like.dtype} (the flow's parameters), got {value.dtype}")
-    if value.device != like.device:
-        raise ValueError(f"{name} is on {value.device} but the flow's parameters are on {like.device}")
-    if value.dim() == 0 or value.shape[-1] != size:
-        raise ValueError(f"{name} must have shape (..., {size}), got {tuple(value.shape)}")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return value
 
 
 def _flatten_batch(name: str, value: Tensor, context: Tensor | None) -> tuple[torch.Size, Tensor, Tensor | None]:
@@ -62,16 +47,15 @@ def _flatten_batch(name: str, value: Tensor, context: Tensor | None) -> tuple[to
     return batch, value.expand(batch + value.shape[-1:]).reshape(-1, value.shape[-1]), context
 
 
-class _TensorState:
-    """The tensors a solve read and their state then, to tell whether a later call may reuse it.
+class _SolveRecord(NamedTuple):
+    """A solve's results, and the tensors it read with their state then: a version counter (bumped by every
+    in-place change) or, for an inference tensor, which has none, a copy of its values."""
 
-    The state is a tensor's version counter (bumped by every in-place change), or, for inference
-    tensors, which have none, a copy of its values.
-    """
-
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        self.tensors = tuple(tensors)
-        self.marks = tuple(t.detach().clone() if t.is_inference() else t._version for t in self.tensors)
+    log_abs_det: Tensor | None  # log|det d data / d base|; None after a solve of the states alone
+    solutions: tuple[Solution, ...]  # what each CNF's solve returned
+    settings: tuple  # grad mode and solver settings of the solve
+    tensors: tuple[Tensor, ...]  # base, data, then the tensors of _CNFTransform._read
+    marks: tuple
 
     def unchanged(self, tensors: Sequence[Tensor]) -> bool:
         """Whether ``tensors`` are the recorded tensors, none of them changed since."""
@@ -79,21 +63,6 @@ class _TensorState:
             now is then and (torch.equal(now, mark) if isinstance(mark, Tensor) else now._version == mark)
             for now, then, mark in zip(tensors, self.tensors, self.marks)
         )
-
-
-class _SolveRecord(NamedTuple):
-    log_abs_det: Tensor | None  # log|det d data / d base|; None after a solve of the states alone
-    solutions: tuple[Solution, ...]  # what each CNF's solve returned
-    settings: tuple  # grad mode and solver settings of the solve
-    state: _TensorState  # base, data, then the tensors of _CNFTransform._read
-
-    @property
-    def base(self) -> Tensor:
-        return self.state.tensors[0]
-
-    @property
-    def data(self) -> Tensor:
-        return self.state.tensors[1]
 
 
 class _CNFTransform:
@@ -104,41 +73,43 @@ class _CNFTransform:
     bijective = True
     sign = 1  # the flow map of an ODE preserves orientation
 
-    _flow: ContinuousFlow
+    flow: ContinuousFlow
     _context: Tensor | None
     _record: _SolveRecord | None = None
     _exact = False  # the exact divergence whatever the flow's setting
 
-    def _flows(self) -> list[ContinuousFlow]:
+    @property
+    def flows(self) -> list[ContinuousFlow]:
         """The CNFs a solve runs."""
-        return [self._flow]
+        return [self.flow]
 
     def _read(self) -> list[Tensor]:
         """What a solve reads besides its input: parameters, buffers and the context."""
-        f = self._flow
+        f = self.flow
         return [*f.parameters(), *f.buffers(), *(() if self._context is None else (self._context,))]
 
     def _settings(self) -> tuple:
-        return torch.is_grad_enabled(), self._exact, tuple(f.settings for f in self._flows())
+        return torch.is_grad_enabled(), self._exact, tuple(f.settings for f in self.flows)
 
     def _record_solve(self, base: Tensor, data: Tensor, log_abs_det: Tensor | None, solutions: tuple) -> _SolveRecord:
-        state = _TensorState((base, data, *self._read()))
-        self._record = _SolveRecord(log_abs_det, solutions, self._settings(), state)
+        tensors = (base, data, *self._read())
+        marks = tuple(t.detach().clone() if t.is_inference() else t._version for t in tensors)
+        self._record = _SolveRecord(log_abs_det, solutions, self._settings(), tensors, marks)
         return self._record
 
     def _lookup(self, base: Tensor | None = None, data: Tensor | None = None) -> _SolveRecord | None:
         record = self._record
         if record is None or record.settings != self._settings():
             return None
-        now = (record.base if base is None else base, record.data if data is None else data, *self._read())
-        return record if record.state.unchanged(now) else None
+        now = (record.tensors[0] if base is None else base, record.tensors[1] if data is None else data)
+        return record if record.unchanged((*now, *self._read())) else None
 
     def _solve(
         self, value: Tensor, name: str, reverse: bool, density: bool = True
     ) -> tuple[Tensor, Tensor | None, tuple[Solution, ...]]:
         """The flowed ``value``, the log-determinant (None without ``density``) and the solutions of the CNFs."""
-        flow = self._flow
-        value = _check_tensor(name, value, flow.input_dim, flow.log_T)
+        flow = self.flow
+        value = check_tensor(name, value, (flow.input_dim,), flow.log_T)
         batch, flat, context = _flatten_batch(name, value, self._context)
         if flat.shape[0] == 0:
             out, logdet, solutions = flat.clone(), flat.new_zeros(0), ()
@@ -155,14 +126,14 @@ class _CNFTransform:
             # alone cost the net's evaluations only, against D + 1 of them for the exact trace.
             x, logdet, solutions = self._solve(z, "z", reverse=True, density=torch.is_grad_enabled())
             record = self._record_solve(z, x, logdet, solutions)
-        return record.data
+        return record.tensors[1]
 
     def _inverse(self, x: Tensor) -> Tensor:
         record = self._lookup(data=x)
         if record is None:
             z, logdet, solutions = self._solve(x, "x", reverse=False)
             record = self._record_solve(z, x, -logdet, solutions)
-        return record.base
+        return record.tensors[0]
 
     def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
         r""":math:`\log|\det \partial x / \partial z|` (base ``z`` → data ``x``), cached from the solve."""
@@ -170,9 +141,9 @@ class _CNFTransform:
         if record is None or record.log_abs_det is None:
             # not solved, or solved for the states alone: solved again with the log-determinant, the record keeping
             # the data tensor already handed out (a grid gives the same states; an adaptive solve, within tolerance)
-            base = z if record is None else record.base
-            data, logdet, solutions = self._solve(base, "z", reverse=True)
-            record = self._record_solve(base, data if record is None else record.data, logdet, solutions)
+            base, data = (z, None) if record is None else record.tensors[:2]
+            x, logdet, solutions = self._solve(base, "z", reverse=True)
+            record = self._record_solve(base, x if data is None else data, logdet, solutions)
         return record.log_abs_det
 
     @property
@@ -189,31 +160,17 @@ class _CNFTransform:
     @property
     def T(self) -> Tensor:
         """The integration time."""
-        return self._flow.T
+        return self.flow.T
 
     def regularization_loss(self) -> Tensor:
         """Weighted RNODE penalty of the last solve, averaged over its batch and summed over its CNFs (0 if none)."""
-        loss = self._flows()[0].log_T.new_zeros(())
-        for solution in self.solutions:
-            if solution.penalty is not None:
-                loss = loss + solution.penalty.mean()
-        return loss
+        penalties = [solution.penalty.mean() for solution in self.solutions if solution.penalty is not None]
+        return sum(penalties, self.flows[0].log_T.new_zeros(()))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("_record", None)  # a copy must never answer from the original's solve
         return state
-
-
-class _ExactTrace(_CNFTransform, Transform):
-    """A vector CNF transform with the exact divergence in every solve (see :meth:`FFJORD.with_exact_trace`)."""
-
-    _exact = True
-
-    def __init__(self, flow: ContinuousFlow, context: Tensor | None) -> None:
-        super().__init__(cache_size=0)
-        self._flow = flow
-        self._context = context
 
 
 class FFJORD(_CNFTransform, TransformModule):
@@ -245,15 +202,11 @@ class FFJORD(_CNFTransform, TransformModule):
         super().__init__(cache_size=0)
         self.flow = ContinuousFlow(net, input_dim, **options)
 
-    @property
-    def _flow(self) -> ContinuousFlow:
-        return self.flow
-
     def with_exact_trace(self) -> Transform:
         """This transform with the exact divergence in every solve, whatever its ``divergence``: a deterministic
         log-determinant, as an HMC potential (:class:`~pyro.infer.reparam.NeuTraReparam`) or an evaluation
         needs. It shares the flow, so it follows every later change of the parameters."""
-        return _ExactTrace(self.flow, None)
+        return ConditionedFFJORD(self.flow, None, exact=True)
 
     _context = None
 
@@ -265,14 +218,14 @@ class ConditionedFFJORD(_CNFTransform, Transform):
     context gets gradients through the adjoint.
     """
 
-    def __init__(self, flow: ContinuousFlow, context: Tensor) -> None:
+    def __init__(self, flow: ContinuousFlow, context: Tensor | None, exact: bool = False) -> None:
         super().__init__(cache_size=0)
-        self._flow = flow
-        self._context = _check_tensor("context", context, flow.context_dim, flow.log_T)
+        self.flow, self._exact = flow, exact  # exact: the exact divergence whatever the flow's setting
+        self._context = None if context is None else check_tensor("context", context, (flow.context_dim,), flow.log_T)
 
     def with_exact_trace(self) -> Transform:
         """See :meth:`FFJORD.with_exact_trace`."""
-        return _ExactTrace(self._flow, self._context)
+        return ConditionedFFJORD(self.flow, self._context, exact=True)
 
 
 class ConditionalFFJORD(ConditionalTransformModule):
@@ -331,10 +284,9 @@ class ConditionalFFJORD(ConditionalTransformModule):
 class AmortizedFFJORD(ConditionalFFJORD):
     r"""A conditional CNF whose dynamics weights are amortized from features (e.g. a VAE encoder's).
 
-    ``condition(features)`` maps the features to the context of the dynamics network with a linear
-    *amortizer*; with :class:`~pyro_ffjord.nets.AmortizedLowRankODENet` that context holds a rank-:math:`r`
-    weight update and a bias per layer, so every data point gets its own dynamics
-    :math:`dz/dt = f_{\theta + \Delta\theta(h)}(z, t)` (FFJORD, Grathwohl et al., 2019, Sec. 4.2).
+    ``condition(features)`` maps the features with a linear *amortizer* to the net's context, e.g. the per-layer
+    low-rank updates of :class:`~pyro_ffjord.nets.AmortizedLowRankODENet`:
+    :math:`dz/dt = f_{\theta + \Delta\theta(h)}(z, t)`.
 
     Args:
         net: dynamics ``f(t, z, context)`` declaring its ``context_dim`` (the amortized parameter count).
@@ -360,7 +312,7 @@ class AmortizedFFJORD(ConditionalFFJORD):
 
     def condition(self, features: Tensor) -> ConditionedFFJORD:
         """Fixes the features, shape ``(..., feature_dim)``; the amortizer maps them to the dynamics' context."""
-        features = _check_tensor("features", features, self.feature_dim, self.flow.log_T)
+        features = check_tensor("features", features, (self.feature_dim,), self.flow.log_T)
         return super().condition(self.amortizer(features))
 
 

@@ -1,10 +1,5 @@
-r"""A small time-conditioned U-Net for a CNF over a whole image, the standard field of flow matching on images.
-
-The paper's multiscale stack (:class:`~pyro_ffjord.MultiscaleFFJORD`) factors dimensions out between its
-CNF blocks, so no single probability path describes it; flow matching trains one CNF over the whole image
-instead, and its field needs a wide receptive field: a U-Net (Ronneberger et al., 2015) with residual
-blocks, group normalization and a sinusoidal time embedding, as in diffusion models (Ho et al., 2020) and
-flow matching (Lipman et al., 2023). Its divergence comes from autograd (Hutchinson's estimator in practice).
+r"""A time-conditioned U-Net (Ronneberger et al., 2015), as in diffusion models and flow matching: the field of one
+CNF over a whole image, which flow matching trains (no single path describes :class:`~pyro_ffjord.MultiscaleFFJORD`).
 """
 
 from __future__ import annotations
@@ -16,8 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._checks import check_int
-from .multiscale import _positive_ints
+from ._checks import check_int, positive_ints
 from .nets import _check_time, time_features
 
 
@@ -63,8 +57,8 @@ class UNet(nn.Module):
 
     def __init__(self, input_shape: Sequence[int], channels: Sequence[int] = (32, 64, 64), time_frequencies: int = 8):
         super().__init__()
-        self.input_shape = _positive_ints("input_shape", input_shape, 3)
-        channels = _positive_ints("channels", channels)
+        self.input_shape = positive_ints("input_shape", input_shape, 3)
+        channels = positive_ints("channels", channels)
         check_int("time_frequencies", time_frequencies, least=0)
         c, h, w = self.input_shape
         factor = 2 ** (len(channels) - 1)
