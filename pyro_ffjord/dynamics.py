@@ -136,13 +136,14 @@ def _evaluation(
     net. Runge-Kutta steps commute with this linearization, so after a fixed-grid solve it is the Jacobian of the
     numerical map itself. Otherwise it is the log-density change, the exact trace (``noise`` None) or
     Hutchinson's, in forward mode where the net propagates tangents (no double backward), else by autograd.
-    Without ``density``, the field alone: the second state stays zero.
+    Without ``density``, the field alone (the state is ``(z,)``).
     """
     extra = () if context is None else (context,)
     if not density:
 
         def evaluate(t: Tensor, state: tuple[Tensor, ...], folded: Any) -> tuple[Tensor, Tensor, Tensor]:
-            return net(t, state[0], *extra), torch.zeros_like(state[1]), None
+            keywords = {} if folded is None else {"affines": folded}
+            return net(t, state[0], *extra, **keywords), None, None
 
         return evaluate
     if forward_and_jacobian is None:
@@ -396,9 +397,9 @@ class ContinuousFlow(nn.Module):
             if evaluations.count() > backward_budget and evaluations.solved:
                 raise fail(f"exceeded its step budget ({backward_budget} evaluations)")
             f, change, rows = evaluate(t, state, folded)
-            if check_each and not (torch.isfinite(f).all() and torch.isfinite(change).all()):
+            derivatives = (f,) if change is None else (f, change)
+            if check_each and not all(torch.isfinite(d).all() for d in derivatives):
                 raise fail("produced non-finite values")
-            derivatives = (f, change)
             if regularize:  # squared speed, and the squared Frobenius norm from the rows the trace computed
                 derivatives += (f.pow(2).sum(-1), rows.pow(2).sum((0, 2) if rows.dim() == 3 else -1))
             if rescaled:  # d/ds = T d/dt
@@ -408,7 +409,7 @@ class ContinuousFlow(nn.Module):
         zeros = x.new_zeros(x.shape[0])
         d = x.shape[-1]
         log_density = torch.eye(d).to(x).expand(x.shape[0], d, d) if map_jacobian else zeros  # or the map's Jacobian
-        state = (x, log_density, zeros, zeros) if regularize else (x, log_density)
+        state = (x, log_density, zeros, zeros) if regularize else (x, log_density) if density else (x,)
         if lean:
             num_steps = self._num_steps(T_value / s.options["step_size"], fail)
             step = end * s.options["step_size"] / T_value  # in units of the solve's time
@@ -416,8 +417,7 @@ class ContinuousFlow(nn.Module):
             grid = [start + sign * k * step for k in range(num_steps)] + [stop]  # as step_grid
             times = torch.tensor(stage_times(grid, s.method), dtype=T.dtype, device=T.device)
             times = times * T if rescaled else times
-            # the folded time terms feed forward_and_jacobian, which a solve of the states alone does not call
-            fold_time = getattr(self.net, "fold_time", None) if density else None
+            fold_time = getattr(self.net, "fold_time", None)
             folded = None if fold_time is None else fold_time(times)
             times = times.unbind(0)
             final = (compiled[1] if whole else integrate_fixed_grid)(
@@ -437,10 +437,9 @@ class ContinuousFlow(nn.Module):
             except ODESolveError as error:
                 raise fail(f"failed ({error})") from error
         evaluations.solved = True
-        y, logdet = final[:2]
+        y, logdet = final[0], final[1] if density else None
         if map_jacobian:
             logdet = torch.linalg.slogdet(logdet).logabsdet
-        logdet = logdet if density else None
         if not (torch.isfinite(y).all() and (logdet is None or torch.isfinite(logdet).all())):
             raise fail("produced non-finite values")
         penalty = None

@@ -256,12 +256,15 @@ class ODENet(nn.Module):
             got = tuple(context.shape) if isinstance(context, Tensor) else context
             raise ValueError(f"context must have shape {(*z.shape[:-1], self.context_dim)} (z's batch), got {got}")
 
-    def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self, t: Tensor, z: Tensor, context: Tensor | None = None, affines: list[tuple[Tensor, Tensor]] | None = None
+    ) -> Tensor:
+        """``f(t, z)``; ``affines``: one time's entry of :meth:`fold_time`, which then stands for ``t``."""
         self._check_inputs(t, z, context)
         t = time_features(t.to(z), self.frequencies)
         h = z
         for i in range(len(self.layers)):
-            h = self._layer(i, t, h, None, context, jvp=False)[0]
+            h = self._layer(i, t, h, None, context, jvp=False, affine=None if affines is None else affines[i])[0]
             if i < len(self.layers) - 1:
                 h = self.activation(h)
         return h

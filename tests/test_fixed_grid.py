@@ -48,7 +48,8 @@ def test_matches_torchdiffeq(method, train_T, reverse, layer):
 
 
 def test_folded_time_terms_equal_per_time_terms():
-    """``fold_time`` gives each layer's weight and bias at every time, as ``affine`` does one time at a time."""
+    """``fold_time`` gives each layer's weight and bias at every time, as ``affine`` does one time at a time, for
+    ``forward_and_jacobian`` and for ``forward`` (the solve of the states alone)."""
     torch.manual_seed(0)
     net = pf.ODENet(3, (8,), time_frequencies=3).double()
     times = torch.tensor([0.0, 0.3, 1.2], dtype=torch.float64)
@@ -58,6 +59,7 @@ def test_folded_time_terms_equal_per_time_terms():
         got = net.forward_and_jacobian(times[k], z, affines=affines)
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
+        torch.testing.assert_close(net(times[k], z, affines=affines), net(times[k], z), rtol=0, atol=1e-14)
     assert pf.ODENet(3, (8,), context_dim=2).fold_time(times) is None  # per-sample terms: nothing to fold
 
 
