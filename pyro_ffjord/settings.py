@@ -108,13 +108,9 @@ class SolverSettings:
             raise TypeError(f"unknown solver settings {sorted(unknown)}; allowed: {list(SETTINGS)}")
         return replace(self, **changes)
 
-    def __getstate__(self) -> dict[str, Any]:  # a mappingproxy cannot be pickled
-        return {f.name: dict(self.options) if f.name == "options" else getattr(self, f.name) for f in fields(self)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "options", MappingProxyType(state["options"]))
+    def __reduce__(self) -> tuple:  # a mappingproxy cannot be pickled: rebuilt (and checked again) from a dict
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return SolverSettings, tuple({**values, "options": dict(self.options)}.values())
 
 
 SETTINGS = tuple(f.name for f in fields(SolverSettings))
