@@ -290,15 +290,12 @@ class ContinuousFlow(nn.Module):
         """The integration time :math:`T = \\exp(\\log T)`."""
         return self.log_T.exp()
 
-    def __getstate__(self) -> dict[str, Any]:
-        # dynamo's wrapper cannot be pickled (torch.save of a whole model); it is rebuilt at the next solve
+    def __getstate__(self) -> dict[str, Any]:  # dynamo's wrapper cannot be pickled (torch.save of a whole model)
         return {**self.__dict__, "_compiled": None}
 
-    def _compiled_functions(self) -> tuple[Callable, Callable] | None:
-        """The compiled net evaluation and lean solve; None when not compiling."""
-        if self.compile_options is not False and self._compiled is None:  # unpickled
-            self._compiled = _compile(self.net, self.compile_options)
-        return self._compiled
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._compiled = _compile(self.net, self.compile_options)
 
     def _num_steps(self, num_steps: float, fail: Callable[[str], ODESolveError]) -> int:
         """A grid's step count, checked against ``max_num_steps``; a count that is an integer up to the rounding
@@ -378,7 +375,7 @@ class ContinuousFlow(nn.Module):
         lean = lean and not (s.adjoint and torch.is_grad_enabled())
         # Compiling, a lean solve of a fixed T is compiled whole, the net's evaluations inlined (a learned T moves
         # the grid, which would compile anew at every step); any other solve is compiled one evaluation at a time.
-        compiled = self._compiled_functions()
+        compiled = self._compiled
         whole = compiled is not None and lean and not rescaled
         forward_and_jacobian = getattr(type(self.net), "forward_and_jacobian", None)
         if compiled is not None and not whole:
