@@ -57,13 +57,6 @@ class _SolveRecord(NamedTuple):
     tensors: tuple[Tensor, ...]  # base, data, then the tensors of _CNFTransform._read
     marks: tuple
 
-    def unchanged(self, tensors: Sequence[Tensor]) -> bool:
-        """Whether ``tensors`` are the recorded tensors, none of them changed since."""
-        return len(tensors) == len(self.tensors) and all(
-            now is then and (torch.equal(now, mark) if isinstance(mark, Tensor) else now._version == mark)
-            for now, then, mark in zip(tensors, self.tensors, self.marks)
-        )
-
 
 class _CNFTransform:
     """Pyro ``Transform`` behaviour shared by :class:`FFJORD`, :class:`ConditionedFFJORD` and the image flow."""
@@ -101,8 +94,12 @@ class _CNFTransform:
         record = self._record
         if record is None or record.settings != self._settings():
             return None
-        now = (record.tensors[0] if base is None else base, record.tensors[1] if data is None else data)
-        return record if record.unchanged((*now, *self._read())) else None
+        now = (record.tensors[0] if base is None else base, record.tensors[1] if data is None else data, *self._read())
+        unchanged = len(now) == len(record.tensors) and all(  # the same tensors, none of them changed since
+            a is b and (torch.equal(a, mark) if isinstance(mark, Tensor) else a._version == mark)
+            for a, b, mark in zip(now, record.tensors, record.marks)
+        )
+        return record if unchanged else None
 
     def _solve(
         self, value: Tensor, name: str, reverse: bool, density: bool = True
