@@ -203,7 +203,7 @@ class FFJORD(_CNFTransform, TransformModule):
         """This transform with the exact divergence in every solve, whatever its ``divergence``: a deterministic
         log-determinant, as an HMC potential (:class:`~pyro.infer.reparam.NeuTraReparam`) or an evaluation
         needs. It shares the flow, so it follows every later change of the parameters."""
-        return ConditionedFFJORD(self.flow, None, exact=True)
+        return ConditionedFFJORD(self.flow, self._context, exact=True)
 
     _context = None
 
@@ -220,9 +220,7 @@ class ConditionedFFJORD(_CNFTransform, Transform):
         self.flow, self._exact = flow, exact  # exact: the exact divergence whatever the flow's setting
         self._context = None if context is None else check_tensor("context", context, (flow.context_dim,), flow.log_T)
 
-    def with_exact_trace(self) -> Transform:
-        """See :meth:`FFJORD.with_exact_trace`."""
-        return ConditionedFFJORD(self.flow, self._context, exact=True)
+    with_exact_trace = FFJORD.with_exact_trace
 
 
 class ConditionalFFJORD(ConditionalTransformModule):
