@@ -161,9 +161,6 @@ class Squeeze(Transform):
     codomain = constraints.independent(constraints.real, 3)
     bijective = True
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Squeeze)
-
     def _call(self, x: Tensor) -> Tensor:
         c, h, w = x.shape[-3:]
         if h % 2 or w % 2:
@@ -204,9 +201,6 @@ class LogitTransform(Transform):
         # everything the logit accepts and its inverse returns: [0, 1] widened by alpha / (1 - 2 alpha)
         margin = self.alpha / (1 - 2 * self.alpha)
         self.domain = constraints.independent(constraints.interval(-margin, 1 + margin), 3)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LogitTransform) and other.alpha == self.alpha
 
     def _call(self, x: Tensor) -> Tensor:
         s = self.alpha + (1 - 2 * self.alpha) * x
