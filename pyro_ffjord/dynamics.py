@@ -46,8 +46,6 @@ _INITIAL_STEP_EVALS = 2
 # model's later blocks back to eager code.
 _RECOMPILE_LIMIT = 64
 
-Evaluate = Callable[[Tensor, tuple[Tensor, ...], Any], tuple[Tensor, Tensor, Tensor]]
-
 
 def _compile(net: nn.Module, compile: bool | Mapping[str, Any]) -> tuple[Callable, Callable] | None:
     """``type(net).forward_and_jacobian`` (unbound: a copy of a flow runs its own net) and
@@ -128,7 +126,7 @@ def _evaluation(
     map_jacobian: bool,
     regularize: bool,
     density: bool,
-) -> Evaluate:
+) -> Callable[[Tensor, tuple[Tensor, ...], Any], tuple[Tensor, Tensor, Tensor]]:
     r"""The trace strategy of one solve: ``evaluate(t, state, folded) -> (f, d(state[1])/dt, Jacobian rows)``.
 
     With ``map_jacobian`` the second state is :math:`\Phi^\top`, the transposed Jacobian of the state with respect
@@ -171,10 +169,8 @@ def _evaluation(
         return evaluate
 
     def call(t: Tensor, z: Tensor, folded: Any, tangents: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        keywords = {} if folded is None else {"affines": folded}
-        if tangents is not None:
-            keywords["tangents"] = tangents
-        return forward_and_jacobian(net, t, z, *extra, **keywords)
+        affines = {} if folded is None else {"affines": folded}
+        return forward_and_jacobian(net, t, z, *extra, tangents=tangents, **affines)
 
     if map_jacobian:
 
