@@ -275,14 +275,11 @@ class ODENet(nn.Module):
         see a context, which makes their terms per sample."""
         if self._layer_context_dim:
             return None
-        times = time_features(t, self.frequencies).reshape(t.shape[0], -1)
+        k, times = t.shape[0], time_features(t, self.frequencies).reshape(t.shape[0], -1)
         per_layer = []
         for layer in self.layers:
             weight, bias = _fold_gate_and_shift(*layer.terms(times, None))  # K of each, or one shared by all
-            # a term that the time does not change (no time dimension) is shared by every time
-            weights = weight.unbind(0) if weight.dim() == 3 else (weight,) * t.shape[0]
-            biases = bias.unbind(0) if bias.dim() == 2 else (bias,) * t.shape[0]
-            per_layer.append(list(zip(weights, biases)))
+            per_layer.append(zip(weight.expand(k, *weight.shape[-2:]).unbind(0), bias.expand(k, -1).unbind(0)))
         return [list(per_time) for per_time in zip(*per_layer)]
 
     def forward_and_jacobian(
