@@ -21,70 +21,71 @@ from torch import Tensor, nn
 from torch.distributions import Transform
 from torch.nn import functional as F
 
-from ._checks import check_choice, check_int, check_number, check_tensor, positive_ints
+from ._checks import check_int, check_number, check_tensor, positive_ints
 from .dynamics import ContinuousFlow, Solution
-from .nets import _ACTIVATION_JVPS, ACTIVATIONS, _check_time, _fold_gate_and_shift
+from .nets import ODENet, _cat, _ConditionedLinear
 from .transforms import _CNFTransform
 
 
 class ConcatConv2d(nn.Module):
-    r"""3x3 convolution of the image with the time appended as a constant channel: :math:`h = W * [x, t]`."""
+    r"""3x3 convolution of the image with the time (and context) as constant channels: :math:`h = W * [x, t, c]`."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, context_dim: int = 0, time_dim: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels + 1, out_channels, kernel_size=3, padding=1)
+        self.conv = nn.Conv2d(in_channels + time_dim + context_dim, out_channels, kernel_size=3, padding=1)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = t.to(x).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[2:])
-        return self.conv(torch.cat([x, tt], dim=1))
+    def forward_and_jvp(
+        self,
+        t: Tensor,
+        x: Tensor,
+        tangents: Tensor | None,
+        context: Tensor | None = None,
+        jvp: bool = True,
+        affine: None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The output and, if ``jvp``, the tangents ``(N, k, C, H, W)`` pushed through the convolution (the time
+        channels are no per-channel term: there is no ``affine`` to fold)."""
+        c = _cat(t.to(x), context)
+        out = self.conv(torch.cat([x, c.reshape(-1, c.shape[-1], 1, 1).expand(x.shape[0], -1, *x.shape[2:])], dim=1))
+        return out, _conv(tangents, self.conv.weight[:, : x.shape[1]]) if jvp else None
 
-    def forward_and_jvp(self, t: Tensor, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
-        """The output and the tangents ``(N k, C, H, W)`` pushed through the convolution."""
-        return self(t, x), F.conv2d(tangents, self.conv.weight[:, : x.shape[1]], padding=1)
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """3x3 convolution with same padding of images ``(..., C, H, W)``."""
+    return F.conv2d(x.flatten(0, -4), weight, bias, padding=1).unflatten(0, x.shape[:-3])
 
 
-class ConcatSquashConv2d(nn.Module):
-    r"""3x3 convolution, gated and shifted per channel by the time.
+class ConcatSquashConv2d(_ConditionedLinear):
+    r"""3x3 convolution, gated and shifted per channel by the time (and context), as :class:`ConcatSquashLinear`.
 
-    .. math:: h = (W * x + b) \odot \sigma(a t + c) + d t
+    .. math:: h = (W * x + b) \odot \sigma(A [t, c] + a) + B [t, c]
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    spatial = (None, None)
+
+    def __init__(self, in_channels: int, out_channels: int, context_dim: int = 0, time_dim: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.gate = nn.Linear(1, out_channels)
-        self.shift = nn.Linear(1, out_channels, bias=False)
+        self.gate = nn.Linear(time_dim + context_dim, out_channels)
+        self.shift = nn.Linear(time_dim + context_dim, out_channels, bias=False)
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.forward_and_jvp(t, x, None)[0]
+    def map(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return _conv(x, weight, bias)
 
-    def forward_and_jvp(self, t: Tensor, x: Tensor, tangents: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The output and the tangents ``(N k, C, H, W)`` pushed through the layer (if given)."""
-        t = t.to(x)
-        if t.numel() == 1:  # one gate for the whole batch: folded into the kernel and bias once per evaluation
-            t = t.reshape(1)
-            weight, bias = _fold_gate_and_shift(
-                self.conv.weight, self.conv.bias, torch.sigmoid(self.gate(t)), self.shift(t)
-            )
-            out = F.conv2d(x, weight, bias, padding=1)
-            return out, None if tangents is None else F.conv2d(tangents, weight, padding=1)
-        tt = t.reshape(-1, 1)  # a time per image
-        gate = torch.sigmoid(self.gate(tt))[..., None, None]
-        out = torch.addcmul(self.shift(tt)[..., None, None], self.conv(x), gate)
-        if tangents is None:
-            return out, None
-        jvp = F.conv2d(tangents, self.conv.weight, padding=1).unflatten(0, (x.shape[0], -1)) * gate.unsqueeze(1)
-        return out, jvp.flatten(0, 1)
+    def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c = _cat(torch.atleast_1d(t), context)
+        return self.conv.weight, self.conv.bias, torch.sigmoid(self.gate(c)), self.shift(c)
 
 
 CONV_LAYERS: dict[str, type[nn.Module]] = {"concat": ConcatConv2d, "concatsquash": ConcatSquashConv2d}
 
 
-class ConvODENet(nn.Module):
+class ConvODENet(ODENet):
     r"""Time-conditioned conv net ``f(t, z)`` on flattened images, for :class:`ContinuousFlow`.
 
     The flat state ``(N, C*H*W)`` is viewed as ``(N, C, H, W)``, passed through 3x3 convolutions
-    (stride 1, same padding) whose every layer sees the time, and flattened back.
+    (stride 1, same padding) whose every layer sees the time, and flattened back: an
+    :class:`~pyro_ffjord.ODENet` whose layers are convolutions.
 
     Args:
         input_shape: ``(C, H, W)``.
@@ -100,6 +101,9 @@ class ConvODENet(nn.Module):
         torch.Size([3, 16])
     """
 
+    _layer_types = CONV_LAYERS
+    fold_time = None  # the time terms are folded one evaluation at a time
+
     def __init__(
         self,
         input_shape: Sequence[int],
@@ -107,47 +111,17 @@ class ConvODENet(nn.Module):
         layer: str = "concat",
         activation: str = "softplus",
     ) -> None:
-        super().__init__()
-        self.input_shape = positive_ints("input_shape", input_shape, 3)
-        hidden_channels = positive_ints("hidden_channels", hidden_channels)
-        check_choice("layer", layer, CONV_LAYERS)
-        check_choice("activation", activation, ACTIVATIONS)
-        self.input_dim = math.prod(self.input_shape)
-        widths = (self.input_shape[0], *hidden_channels, self.input_shape[0])
-        self.layers = nn.ModuleList(CONV_LAYERS[layer](c_in, c_out) for c_in, c_out in zip(widths[:-1], widths[1:]))
-        self.activation, self._activation = ACTIVATIONS[activation](), activation
-
-    def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        _check_time(t, z.shape[:-1])
-        h = z.reshape(-1, *self.input_shape)
-        for i, layer in enumerate(self.layers):
-            h = layer(t, h)
-            if i < len(self.layers) - 1:
-                h = self.activation(h)
-        return h.reshape(z.shape)
+        shape = positive_ints("input_shape", input_shape, 3)
+        super().__init__(shape[0], positive_ints("hidden_channels", hidden_channels), 0, layer, activation)
+        self.input_shape = self._layer_shape = shape
+        self.input_dim = math.prod(shape)
 
     def forward_and_jacobian(self, t: Tensor, z: Tensor, tangents: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        r"""``f(t, z)`` and the Jacobian-vector products :math:`J v_j` of ``tangents`` ``(N, k, D)``.
-
-        As :meth:`~pyro_ffjord.nets.ODENet.forward_and_jacobian`: k extra images per image through the same
-        convolutions (``None``: the D basis vectors, for small images only).
-        """
-        _check_time(t, z.shape[:-1])
-        n = z.shape[0]
+        r"""As :meth:`~pyro_ffjord.nets.ODENet.forward_and_jacobian`: k extra images per image through the same
+        convolutions (``tangents=None``: the D basis vectors, for small images only)."""
         if tangents is None:
-            tangents = torch.eye(self.input_dim, dtype=z.dtype, device=z.device).expand(n, -1, -1)
-        k = tangents.shape[1]
-        h = z.reshape(n, *self.input_shape)
-        v = tangents.reshape(n * k, *self.input_shape)
-        for i, layer in enumerate(self.layers):
-            pre, v = layer.forward_and_jvp(t, h, v)
-            if i < len(self.layers) - 1:
-                h = self.activation(pre)
-                v = _ACTIVATION_JVPS[self._activation](v.unflatten(0, (n, k)), pre.unsqueeze(1), h.unsqueeze(1))
-                v = v.flatten(0, 1)
-            else:
-                h = pre
-        return h.reshape(z.shape), v.reshape(n, k, -1)
+            tangents = torch.eye(self.input_dim, dtype=z.dtype, device=z.device).expand(z.shape[0], -1, -1)
+        return super().forward_and_jacobian(t, z, None, tangents)
 
 
 class Squeeze(Transform):

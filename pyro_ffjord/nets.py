@@ -58,12 +58,6 @@ def _check_time(t: object, batch_shape: torch.Size) -> None:
         raise ValueError(f"t must have one element or the batch shape {tuple(batch_shape)}, got {tuple(t.shape)}")
 
 
-def _apply_weight(weight: Tensor, tangents: Tensor | None) -> Tensor:
-    """The linear map ``weight`` applied to tangents ``(N, k, in)``; ``None`` stands for the identity."""
-    # made contiguous so that the (N, D, out) tangents it spawns are, and fold into one matrix product
-    return weight.t().contiguous().unsqueeze(0) if tangents is None else F.linear(tangents, weight)
-
-
 def _fold_gate_and_shift(
     weight: Tensor, bias: Tensor | None, gate: Tensor | None, shift: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
@@ -89,6 +83,16 @@ class _ConditionedLinear(nn.Module):
     """
 
     linear: nn.Linear
+    spatial: tuple[None, ...] = ()  # what the terms broadcast over after the channels: a convolution's (H, W)
+
+    def map(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The layer's linear map with ``weight`` and ``bias``, of inputs or tangents ``(N, k, in)``."""
+        return F.linear(x, weight, bias)
+
+    def push(self, weight: Tensor, tangents: Tensor | None) -> Tensor:
+        """The tangents ``(N, k, in)`` through the linear map; ``None`` stands for the identity."""
+        # made contiguous so that the (N, D, out) tangents it spawns are, and fold into one matrix product
+        return weight.t().contiguous().unsqueeze(0) if tangents is None else self.map(tangents, weight)
 
     def terms(self, t: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """:math:`W` ``(out, in)``, :math:`b`, :math:`g` and :math:`s` (None: absent) at time features ``t``
@@ -115,21 +119,22 @@ class _ConditionedLinear(nn.Module):
         if affine is None and (context is not None or t.dim() > 1):
             return self.conditioned(t, x, tangents, context, jvp)
         weight, bias = _fold_gate_and_shift(*self.terms(t.to(x), None)) if affine is None else affine
-        return F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
+        return self.map(x, weight, bias), self.push(weight, tangents) if jvp else None
 
     def conditioned(
         self, t: Tensor, x: Tensor, tangents: Tensor | None, context: Tensor | None, jvp: bool
     ) -> tuple[Tensor, Tensor | None]:
         """:meth:`forward_and_jvp` with per-sample time features ``(N, time_dim)`` or a context ``(N, C)``."""
-        weight, bias, gate, shift = self.terms(t.to(x).expand(*x.shape[:-1], t.shape[-1]), context)
-        out, pushed = F.linear(x, weight, bias), _apply_weight(weight, tangents) if jvp else None
+        weight, bias, gate, shift = self.terms(t.to(x), context)
+        out, pushed = self.map(x, weight, bias), self.push(weight, tangents) if jvp else None
         if gate is not None:
-            out, pushed = out * gate, None if pushed is None else pushed * gate.unsqueeze(-2)
-        return (out if shift is None else out + shift), pushed
+            gate = gate[(..., *self.spatial)]
+            out, pushed = out * gate, None if pushed is None else pushed * gate.unsqueeze(1)
+        return (out if shift is None else out + shift[(..., *self.spatial)]), pushed
 
 
 def _cat(t: Tensor, context: Tensor | None) -> Tensor:
-    return t if context is None else torch.cat([t, context], dim=-1)
+    return t if context is None else torch.cat([t.expand(*context.shape[:-1], t.shape[-1]), context], dim=-1)
 
 
 class SquashLinear(_ConditionedLinear):
@@ -214,6 +219,8 @@ class ODENet(nn.Module):
         torch.Size([10, 2])
     """
 
+    _layer_types: dict[str, type[nn.Module]] = LAYERS
+
     def __init__(
         self,
         input_dim: int,
@@ -228,16 +235,17 @@ class ODENet(nn.Module):
         check_int("time_frequencies", time_frequencies, least=0)
         check_int("context_dim", context_dim, least=0)
         hidden_dims = positive_ints("hidden_dims", hidden_dims, empty=True)
-        check_choice("layer", layer, LAYERS)
+        check_choice("layer", layer, self._layer_types)
         check_choice("activation", activation, ACTIVATIONS)
         self.input_dim = input_dim
         self.context_dim = context_dim
         self._layer_context_dim = context_dim  # what the layers see; an amortized net's context bypasses them
         self._hidden_dims = hidden_dims
+        self._layer_shape = (input_dim,)  # what the layers see of one sample
         widths = (input_dim, *hidden_dims, input_dim)
         time_dim = 1 + 2 * time_frequencies
         self.layers = nn.ModuleList(
-            LAYERS[layer](w_in, w_out, context_dim, time_dim) for w_in, w_out in zip(widths[:-1], widths[1:])
+            self._layer_types[layer](w_in, w_out, context_dim, time_dim) for w_in, w_out in zip(widths[:-1], widths[1:])
         )
         frequencies = math.pi * torch.arange(1, time_frequencies + 1) if time_frequencies else None
         self.register_buffer("frequencies", frequencies)
@@ -262,12 +270,12 @@ class ODENet(nn.Module):
         """``f(t, z)``; ``affines``: one time's entry of :meth:`fold_time`, which then stands for ``t``."""
         self._check_inputs(t, z, context)
         t = time_features(t.to(z), self.frequencies)
-        h = z
+        h = z.reshape(*z.shape[:-1], *self._layer_shape)
         for i in range(len(self.layers)):
             h = self._layer(i, t, h, None, context, jvp=False, affine=None if affines is None else affines[i])[0]
             if i < len(self.layers) - 1:
                 h = self.activation(h)
-        return h
+        return h.reshape(z.shape)
 
     def fold_time(self, t: Tensor) -> list[list[tuple[Tensor, Tensor]]] | None:
         """The time terms of every layer at each of the times ``t`` ``(K,)``, for :meth:`forward_and_jacobian`'s
@@ -313,15 +321,16 @@ class ODENet(nn.Module):
                 f"tangents must have shape ({z.shape[0]}, k, {self.input_dim}), got {tuple(tangents.shape)}"
             )
         t = time_features(t.to(z), self.frequencies)
-        h, jvp = z, tangents
+        h = z.reshape(-1, *self._layer_shape)
+        jvp = None if tangents is None else tangents.reshape(*tangents.shape[:2], *self._layer_shape)
         for i in range(len(self.layers)):
             pre, jvp = self._layer(i, t, h, jvp, context, jvp=True, affine=None if affines is None else affines[i])
             if i < len(self.layers) - 1:
                 h = self.activation(pre)
-                jvp = _ACTIVATION_JVPS[self._activation](jvp, pre.unsqueeze(-2), h.unsqueeze(-2))
+                jvp = _ACTIVATION_JVPS[self._activation](jvp, pre.unsqueeze(1), h.unsqueeze(1))
             else:
                 h = pre
-        return h, jvp.expand(z.shape[0], *jvp.shape[1:])
+        return h.reshape(z.shape), jvp.expand(z.shape[0], *jvp.shape[1:]).reshape(z.shape[0], jvp.shape[1], -1)
 
     def _layer(
         self,
