@@ -19,6 +19,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform
+from torch.distributions.transforms import AffineTransform, ComposeTransform, IndependentTransform, SigmoidTransform
 from torch.nn import functional as F
 
 from ._checks import check_int, check_number, check_tensor, positive_ints
@@ -148,7 +149,7 @@ class Squeeze(Transform):
         return x.new_zeros(x.shape[:-3])
 
 
-class LogitTransform(Transform):
+class LogitTransform(ComposeTransform):
     r"""Maps images in :math:`[0, 1]` to the real line: :math:`y = \operatorname{logit}(\alpha + (1 - 2\alpha) x)`.
 
     .. math::
@@ -158,35 +159,23 @@ class LogitTransform(Transform):
 
     Its domain is :math:`[0, 1]` widened by :math:`\alpha / (1 - 2\alpha)` on each side, the image of
     its inverse. The :math:`\alpha` keeps the logit finite at 0 and 1 (RealNVP, Dinh et al., 2017; FFJORD uses
-    :math:`\alpha = 10^{-6}`).
+    :math:`\alpha = 10^{-6}`). The composition of torch's affine and inverse sigmoid transforms, whose log-det
+    (:math:`-\operatorname{softplus}(-y) - \operatorname{softplus}(y)` for the sigmoid) is stable for any :math:`y`.
 
     Args:
         alpha: in :math:`(0, 1/2)`.
     """
 
-    codomain = constraints.independent(constraints.real, 3)
-    bijective = True
-    sign = 1
-
     def __init__(self, alpha: float = 1e-6) -> None:
         check_number("alpha", alpha, high=0.5)
-        super().__init__()
         self.alpha = float(alpha)
-        # everything the logit accepts and its inverse returns: [0, 1] widened by alpha / (1 - 2 alpha)
-        margin = self.alpha / (1 - 2 * self.alpha)
-        self.domain = constraints.independent(constraints.interval(-margin, 1 + margin), 3)
+        affine = AffineTransform(self.alpha, 1 - 2 * self.alpha, event_dim=3)
+        super().__init__([affine, IndependentTransform(SigmoidTransform().inv, 3)])
 
-    def _call(self, x: Tensor) -> Tensor:
-        s = self.alpha + (1 - 2 * self.alpha) * x
-        return torch.log(s) - torch.log1p(-s)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        # log s + log(1 - s) = -softplus(-y) - softplus(y), stable for any y
-        log_ds = math.log1p(-2 * self.alpha) + nn.functional.softplus(-y) + nn.functional.softplus(y)
-        return log_ds.sum((-3, -2, -1))
+    @property
+    def domain(self) -> constraints.Constraint:
+        margin = self.alpha / (1 - 2 * self.alpha)  # what the logit accepts and its inverse returns
+        return constraints.independent(constraints.interval(-margin, 1 + margin), 3)
 
 
 class MultiscaleFFJORD(_CNFTransform, TransformModule):
