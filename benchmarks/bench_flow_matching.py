@@ -5,7 +5,8 @@ whitening fit on the training rows, its log-determinant inside every NLL) and th
 in its own process on one CPU thread, with Adam and a cosine learning-rate decay over its wall-clock budget
 (so a 180 s run is not a 600 s run cut short), and is then evaluated:
 
-* ``fm`` / ``fm-ot``: one pyro_ffjord CNF (``ODENet``: SiLU, concat layers, 8 sinusoidal time features) trained by
+* ``fm`` / ``fm-ot``: one pyro_ffjord CNF (``ODENet``: SiLU, ``--cnf-layer`` layers of ``--cnf-width`` units, 8
+  sinusoidal time features) trained by
   :func:`pyro_ffjord.flow_matching_loss` with independent / minibatch-OT coupling, the times drawn from
   ``--fm-time`` (per-task default: logit-normal on the patches, uniform elsewhere);
 * ``ml``: the same CNF trained by maximum likelihood through the solve (rk4 on a fixed grid, Hutchinson's
@@ -81,8 +82,8 @@ class Contender:
         if name in ("fm", "fm-ot", "ml", "fm+ml"):
             self.cnf = pf.ffjord(
                 dim,
-                hidden_dims=hidden,
-                layer="concat",
+                hidden_dims=(args.cnf_width or args.width,) * args.depth,
+                layer=args.cnf_layer,
                 activation="silu",
                 time_frequencies=8,
                 divergence="exact" if dim <= 2 else "hutchinson",
@@ -272,6 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--jobs", type=int, default=1, help="contenders trained at once (one thread each)")
     parser.add_argument("--width", type=int, default=None, help="hidden width of every network")
+    parser.add_argument("--cnf-width", type=int, default=None, help="hidden width of the CNF (default: --width)")
+    parser.add_argument("--cnf-layer", choices=list(pf.nets.LAYERS), default="concat", help="the CNF's layers")
     parser.add_argument("--depth", type=int, default=None, help="hidden layers of the CNF's network")
     parser.add_argument("--layers", type=int, default=5, help="layers of the discrete flows")
     parser.add_argument("--lr", type=float, default=None, help="Adam step size of maximum-likelihood training")
