@@ -29,10 +29,10 @@ step vae_ffjord 90 python examples/vae.py --device cuda --num-train 0 --num-val 
     --warmup 1 --max-width 0 --max-rank 0 --is-samples 100 --no-progress --out "$work/vae_ffjord"
 step vae_gaussian 45 python examples/vae.py --device cuda --num-train 0 --num-val 0 --num-test 1000 -n 2 \
     --warmup 1 --posterior gaussian --is-samples 100 --no-progress --out "$work/vae_gaussian"
-step images 45 python examples/images.py --device cuda -n 100 --num-test 1000 --eval-batch-size 500 --no-progress \
-    --out "$work/images"
+step images 45 python examples/images.py --objective ml --device cuda -n 100 --num-test 1000 --eval-batch-size 500 \
+    --no-progress --out "$work/images"
 step images_fm 90 python examples/images.py --device cuda --objective fm -n 3000 --num-train 0 --batch-size 128 \
-    --lr 2e-3 --num-test 1000 --eval-batch-size 500 --no-progress --out "$work/images_fm"
+    --unet-channels 32,64,64 --lr 2e-3 --num-test 1000 --eval-batch-size 500 --no-progress --out "$work/images_fm"
 step vae_nccl 45 torchrun --standalone --nproc_per_node=1 examples/vae.py --distributed --device cuda -n 1 \
     --num-test 200 --is-samples 10 --no-progress --out "$work/vae_nccl"
 step svi 90 python benchmarks/bench_svi.py --device cuda --models conjugate,banana --contenders ffjord,iaf \

@@ -23,7 +23,9 @@ from pyro_ffjord.datasets._paths import ENV_VAR
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 TINY = {
-    "images.py": [
+    "images.py": [  # the multiscale model; test_flow_matching_objectives_run adds --objective fm
+        "--objective",
+        "ml",
         "-n",
         "2",
         "--num-train",

@@ -58,9 +58,11 @@ fraction = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 int_list = _checked(lambda s: tuple(map(int, s.split(","))), lambda v: min(v) > 0, "positive integers such as 64,64")
 
 
-def add_common_args(parser: argparse.ArgumentParser, out: str, num_steps: int, unit: str = "steps") -> None:
-    """Every run's flags: length, seed, device, outputs, resume, threads, compile, data parallelism."""
-    parser.add_argument("-n", f"--num-{unit}", type=positive_int, default=num_steps, help=f"training {unit}")
+def add_common_args(parser: argparse.ArgumentParser, out: str, num_steps: int | str, unit: str = "steps") -> None:
+    """Every run's flags: length (``num_steps``: the default, or the text that tells it), seed, device, outputs,
+    resume, threads, compile, data parallelism."""
+    default, tells = (num_steps, "") if isinstance(num_steps, int) else (None, f" (default: {num_steps})")
+    parser.add_argument("-n", f"--num-{unit}", type=positive_int, default=default, help=f"training {unit}{tells}")
     if unit == "steps":
         parser.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
