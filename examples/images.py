@@ -10,7 +10,7 @@ are computed with an adaptive solver (Hutchinson trace by default: the exact tra
 vector-Jacobian products). It ends with a grid of samples as PNG and the test bits/dim in
 ``metrics.json``.
 
-``--objective fm``, the default (1.35 bits/dim on MNIST after 146 s of training against the multiscale model's
+``--objective fm``, the default (1.35 bits/dim on MNIST after 161 s of training against the multiscale model's
 1.96 after 203 s; see docs/images.md), trains one CNF over the whole image, whose field is a U-Net (``pf.UNet``), by
 flow matching (``pf.flow_matching_loss``: one network evaluation per image, no solve): the model is
 ``Normal(0, I)`` on ``C*H*W`` dimensions, the CNF, a reshape to ``(C, H, W)``, the affine map
