@@ -1,22 +1,22 @@
 """Tabular density estimation, the FFJORD paper's UCI/BSDS300 experiments, the Pyro way.
 
-The model is ``pyro.sample("x", TransformedDistribution(Normal(0, I), [*flows, whitening]), obs=x)`` under a
-plate, where ``whitening`` is the Cholesky whitening of the train rows (``pf.standardization``; its log-determinant
-keeps every NLL in the data's units). ``--objective ml`` fits stacked CNF blocks by SVI with an empty guide
-(maximum likelihood) on a cheap fixed grid with Hutchinson's trace; ``fm`` trains one CNF by flow matching (no
-solve in training); ``fm+ml`` then fine-tunes it by likelihood. ``--model maf`` or ``spline`` fits Pyro's MAF or
-spline coupling flow instead. Adam, early stopping on the validation loss; the test NLL (nats, with its standard
-error) uses an adaptive solver and the exact trace, beside a full-covariance Gaussian fit on the train rows.
+The model is ``pyro.sample("x", TransformedDistribution(Normal(0, I), [*flows, whitening]), obs=x)`` under a plate,
+where ``whitening`` is the Cholesky whitening of the train rows (``pf.standardization``; its log-determinant keeps
+every NLL in the data's units). ``--objective fm`` (the default; on the default patches -134.07 nats after 27 s of
+training, against -103.60 after 154 s for ``ml``) trains one CNF by flow matching, with no solve; ``ml`` fits
+stacked CNF blocks by SVI with an empty guide on a fixed grid with Hutchinson's trace; ``fm+ml`` fine-tunes the
+flow-matched CNF by likelihood; ``--model maf|spline`` fits Pyro's MAF or spline coupling. Adam, early stopping on
+the validation loss; the test NLL (nats, with its standard error) from an adaptive solve with the exact trace,
+beside a full-covariance Gaussian fit on the train rows.
 
-The default is CPU-sized: 8x8 patches of the real BSDS300 images (63 dimensions, 20,000/2,000/5,000 patches),
-hidden layers capped at 64 units. The paper's setting (its architecture, full data, dopri5 1e-8/1e-6) is
+The default is CPU-sized: 8x8 patches of the real BSDS300 images (63 dimensions, 20,000/2,000/1,000 patches),
+hidden layers capped at 512 units (64 for ``ml``). The paper's setting (its model, full data, dopri5 1e-8/1e-6):
 
-    python examples/tabular.py --data power --num-train 0 --num-val 0 --num-test 0 --max-width 0 \\
+    python examples/tabular.py --objective ml --data power --num-train 0 --num-val 0 --num-test 0 --max-width 0 \\
         --lr 1e-3 --batch-size 10000 -n 100000 --patience 30 --eval-every 200 --method dopri5 \\
         --atol 1e-8 --rtol 1e-6 --adjoint --eval-atol 1e-8 --eval-rtol 1e-6 --device cuda
 
-    python examples/tabular.py                                  # BSDS300 patches, a few minutes on 2 cores
-    python examples/tabular.py --objective fm --num-test 1000   # the same CNF by flow matching
+    python examples/tabular.py                                  # BSDS300 patches, a few minutes on 1 core
     python examples/tabular.py --csv my_table.csv --model maf   # any numeric CSV/NPY table
 """
 
@@ -275,12 +275,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=None, help="data root (default: $PYRO_FFJORD_DATA or ../shared/data)")
     parser.add_argument("--num-train", type=non_negative_int, default=20000, help="rows used for training (0: all)")
     parser.add_argument("--num-val", type=non_negative_int, default=2000, help="validation rows (0: all)")
-    parser.add_argument("--num-test", type=non_negative_int, default=5000, help="test rows (0: all)")
+    parser.add_argument("--num-test", type=non_negative_int, default=1000, help="test rows (0: all)")
     parser.add_argument("--model", choices=["ffjord", "maf", "spline"], default="ffjord", help="flow to train")
     training.add_common_args(parser, num_steps=800, out="outputs/tabular")
     parser.add_argument("--batch-size", type=positive_int, default=500, help="rows per step and process")
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="Adam step size (paper: 1e-3)")
-    training.add_objective_args(parser, default="ml")
+    training.add_objective_args(parser, default="fm")
     parser.add_argument("--eval-every", type=positive_int, default=50, help="steps between validation losses")
     parser.add_argument("--patience", type=positive_int, default=10, help="validations without improvement to stop")
     parser.add_argument("--num-hidden", type=positive_int, help="hidden layers (default: the paper's)")

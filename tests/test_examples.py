@@ -51,6 +51,8 @@ TINY = {
         "1",
     ],
     "tabular.py": [
+        "--objective",
+        "ml",
         "--num-train",
         "2000",
         "--num-val",

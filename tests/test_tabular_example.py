@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from test_examples import run as run_example
 
-TINY = [
+TINY = [  # stacked CNFs by likelihood; the flow-matching runs add --objective fm
+    "--objective",
+    "ml",
     "-n",
     "4",
     "--batch-size",
