@@ -255,8 +255,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-_DEFAULT_NAMES = ("width", "cnf_width", "depth", "lr", "fm_lr", "fm_time", "batch_size", "train_steps")
-_DEFAULT_NAMES += ("num_train", "num_test")
+_DEFAULT_NAMES = (
+    "width",
+    "cnf_width",
+    "depth",
+    "lr",
+    "fm_lr",
+    "fm_time",
+    "batch_size",
+    "train_steps",
+    "num_train",
+    "num_test",
+)
 TASK_DEFAULTS = {  # the rk4 steps of likelihood training (train_steps) cover t in [0, 1]; num_train 0: all rows
     task: dict(zip(_DEFAULT_NAMES, values))
     for task, values in {

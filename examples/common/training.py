@@ -346,9 +346,15 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint = {"step": step, "module": self.module.state_dict(), "optimizer": self.optimizer_state}
+        checkpoint = {
+            "step": step,
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer_state,
+            "rng": rng,
+            "state": self.state,
+        }
         buffer = io.BytesIO()
-        torch.save(checkpoint | {"rng": rng, "state": self.state}, buffer)
+        torch.save(checkpoint, buffer)
         atomic_write(self.path, buffer.getvalue())
         if rows := self.state["log"]:
             writer = csv.DictWriter(text := io.StringIO(), fieldnames=list(rows[0]))
