@@ -16,12 +16,12 @@ from torch.nn import functional as F
 
 from ._checks import check_choice, check_int, positive_ints
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh,
-    "softplus": nn.Softplus,
-    "elu": nn.ELU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "softplus": F.softplus,
+    "elu": F.elu,
+    "silu": F.silu,
+    "swish": F.silu,
 }
 
 
@@ -249,7 +249,7 @@ class ODENet(nn.Module):
         )
         frequencies = math.pi * torch.arange(1, time_frequencies + 1) if time_frequencies else None
         self.register_buffer("frequencies", frequencies)
-        self.activation, self._activation = ACTIVATIONS[activation](), activation
+        self.activation = activation
 
     def _check_inputs(self, t: Tensor, z: Tensor, context: Tensor | None) -> None:
         """Clear errors for calls that would fail deep inside the layers (cheap: shapes only)."""
@@ -269,13 +269,7 @@ class ODENet(nn.Module):
     ) -> Tensor:
         """``f(t, z)``; ``affines``: one time's entry of :meth:`fold_time`, which then stands for ``t``."""
         self._check_inputs(t, z, context)
-        t = time_features(t.to(z), self.frequencies)
-        h = z.reshape(*z.shape[:-1], *self._layer_shape)
-        for i in range(len(self.layers)):
-            h = self._layer(i, t, h, None, context, jvp=False, affine=None if affines is None else affines[i])[0]
-            if i < len(self.layers) - 1:
-                h = self.activation(h)
-        return h.reshape(z.shape)
+        return self._propagate(t, z, None, context, False, affines)[0]
 
     def fold_time(self, t: Tensor) -> list[list[tuple[Tensor, Tensor]]] | None:
         """The time terms of every layer at each of the times ``t`` ``(K,)``, for :meth:`forward_and_jacobian`'s
@@ -320,30 +314,44 @@ class ODENet(nn.Module):
             raise ValueError(
                 f"tangents must have shape ({z.shape[0]}, k, {self.input_dim}), got {tuple(tangents.shape)}"
             )
-        t = time_features(t.to(z), self.frequencies)
-        h = z.reshape(-1, *self._layer_shape)
-        jvp = None if tangents is None else tangents.reshape(*tangents.shape[:2], *self._layer_shape)
-        for i in range(len(self.layers)):
-            pre, jvp = self._layer(i, t, h, jvp, context, jvp=True, affine=None if affines is None else affines[i])
-            if i < len(self.layers) - 1:
-                h = self.activation(pre)
-                jvp = _ACTIVATION_JVPS[self._activation](jvp, pre.unsqueeze(1), h.unsqueeze(1))
-            else:
-                h = pre
-        return h.reshape(z.shape), jvp.expand(z.shape[0], *jvp.shape[1:]).reshape(z.shape[0], jvp.shape[1], -1)
+        return self._propagate(t, z, tangents, context, True, affines)
+
+    def _propagate(
+        self,
+        t: Tensor,
+        z: Tensor,
+        tangents: Tensor | None,
+        context: Tensor | None,
+        jvp: bool,
+        affines: list[tuple[Tensor, Tensor]] | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The output and, if ``jvp``, the tangents ``(N, k, D)`` pushed through every layer."""
+        if affines is None:  # else the folded terms stand for the time features
+            t = time_features(t.to(z), self.frequencies)
+        h, last = z.reshape(*z.shape[:-1], *self._layer_shape), len(self.layers) - 1
+        pushed = None if tangents is None else tangents.reshape(*tangents.shape[:2], *self._layer_shape)
+        for i, layer in enumerate(self.layers):
+            pre, pushed = self._layer(i, layer, t, h, pushed, context, jvp, None if affines is None else affines[i])
+            h = pre if i == last else ACTIVATIONS[self.activation](pre)
+            if jvp and i < last:
+                pushed = _ACTIVATION_JVPS[self.activation](pushed, pre.unsqueeze(1), h.unsqueeze(1))
+        if jvp:  # (1 or N, k, ...) -> (N, k, D)
+            pushed = pushed.expand(z.shape[0], *pushed.shape[1:]).reshape(z.shape[0], pushed.shape[1], -1)
+        return h.reshape(z.shape), pushed
 
     def _layer(
         self,
         i: int,
+        layer: nn.Module,
         t: Tensor,
         h: Tensor,
         tangents: Tensor | None,
         context: Tensor | None,
         jvp: bool,
-        affine: tuple[Tensor, Tensor] | None = None,
+        affine: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Pre-activation of layer ``i`` at time features ``t`` and, if ``jvp``, the tangents pushed through it."""
-        return self.layers[i].forward_and_jvp(t, h, tangents, context, jvp, affine)
+        """Pre-activation of ``layer`` (the ``i``-th) and, if ``jvp``, the tangents pushed through it."""
+        return layer.forward_and_jvp(t, h, tangents, context, jvp, affine)
 
 
 class AmortizedLowRankODENet(ODENet):
@@ -396,17 +404,18 @@ class AmortizedLowRankODENet(ODENet):
     def _layer(
         self,
         i: int,
+        layer: nn.Module,
         t: Tensor,
         h: Tensor,
         tangents: Tensor | None,
         context: Tensor | None,
         jvp: bool,
-        affine: tuple[Tensor, Tensor] | None = None,
+        affine: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor | None]:
         u, v, b = context.split(self._split, dim=-1)[3 * i : 3 * i + 3]  # layer i's U (N, d_in r), V, bias
         (w_in, w_out), r = self._shapes[i], self.rank
         u, v = u.view(-1, w_in, r) / math.sqrt(w_in * r), v.view(-1, r, w_out)
-        pre, jvp_out = super()._layer(i, t, h, tangents, None, jvp, affine)
+        pre, jvp_out = super()._layer(i, layer, t, h, tangents, None, jvp, affine)
         pre = pre + torch.bmm(torch.bmm(h.unsqueeze(1), u), v).squeeze(1) + b
         if jvp:  # tangents (N, k, in) -> (N, k, out); the identity gives (U V) itself
             jvp_out = jvp_out + torch.bmm(u if tangents is None else torch.bmm(tangents, u), v)
