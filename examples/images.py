@@ -207,14 +207,14 @@ def run(args: argparse.Namespace, procs: training.Processes) -> dict:
         x = training_batch(train, args.batch_size, seed, device)
         torch.manual_seed(seed)  # the Hutchinson noise of this step
         if args.objective == "fm":  # the flow-matching loss is no likelihood: no bits/dim to show
-            loss, bits_per_dim = training.flow_matching_loss(flow.cnf, flow.scaling.inv(x), args), ""
+            value, bits_per_dim = training.flow_matching_step(flow.cnf, flow.scaling.inv(x), scheduler, args), ""
         else:  # with the empty guide, the -ELBO is the NLL
             nll = elbo.differentiable_loss(model, guide, x, flow) / len(x)
             # read after the loss: Pyro scores the sample site once the model has run, with this step's solve
             loss = nll + flow.regularization_loss()
             bits_per_dim = pf.bits_per_dim(-nll.detach(), num_dims).item()
-        loss.backward()
-        value = training.update(loss.detach(), params, scheduler)
+            loss.backward()
+            value = training.update(loss.detach(), params, scheduler)
         scheduler.step()
         return {"loss": value, "bits_per_dim": bits_per_dim, "nfe": flow.nfe.forward}
 

@@ -217,7 +217,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: invalid {args.model} settings: {e}") from None
         optimizer, elbo, cnfs = pyro.optim.Adam({"lr": args.lr}), Trace_ELBO(), flow.cnfs()
         pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
-        trainer = training.Trainer(args, flow, optimizer, procs, **training.early_stopping(flow))
+        trainer = training.Trainer(args, flow, optimizer, procs)
 
         def train_step(step: int, state: dict[str, Any]) -> dict[str, Any]:
             """One step; when due, the validation loss: the NLL, or the fm loss (fm+ml's first ml step resets it)."""

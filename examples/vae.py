@@ -225,7 +225,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: invalid {args.posterior} posterior settings: {e}") from None
         optimizer, elbo = pyro.optim.Adamax({"lr": args.lr, "eps": 1e-7}), Trace_ELBO()
         steps_per_epoch = max(len(train) // (args.batch_size * procs.world_size), 1)  # an epoch over all processes
-        trainer = training.Trainer(args, vae, optimizer, procs, **training.early_stopping(vae))
+        trainer = training.Trainer(args, vae, optimizer, procs)
 
         def train_step(step: int, state: dict[str, Any]) -> dict[str, Any]:
             """One SVI step; at the end of an epoch, the validation -ELBO (training solver)."""

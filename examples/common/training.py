@@ -7,20 +7,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import io
 import json
 import math
 import os
-import pickle
 import re
 import shlex
 import signal
 import sys
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pyro
 import torch
@@ -42,7 +41,7 @@ def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected:
     """An argparse ``type`` whose error names the expected value (argparse prints the flag's name)."""
 
     def parse(text: str) -> Any:
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RuntimeError):  # torch.device raises RuntimeError
             if ok(value := convert(text)):
                 return value
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
@@ -56,6 +55,9 @@ positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number"
 non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a non-negative number")
 fraction = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 int_list = _checked(lambda s: tuple(map(int, s.split(","))), lambda v: min(v) > 0, "positive integers such as 64,64")
+torch_device = _checked(
+    torch.device, lambda d: d.type != "cuda" or torch.cuda.is_available(), "cpu, or cuda[:N] on a machine with CUDA"
+)
 
 
 def add_common_args(parser: argparse.ArgumentParser, out: str, num_steps: int | str, unit: str = "steps") -> None:
@@ -66,7 +68,7 @@ def add_common_args(parser: argparse.ArgumentParser, out: str, num_steps: int | 
     if unit == "steps":
         parser.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--out", default=out, help="folder for checkpoint, log, metrics and plot")
     parser.add_argument("--plot", default=None, help="PNG path (default: in --out)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (a larger -n extends)")
@@ -117,10 +119,8 @@ def evaluation_solver(module: torch.nn.Module, args: argparse.Namespace) -> cont
     """Switches every CNF in ``module`` to the evaluation solver for the ``with`` block (a baseline has none)."""
     if not any(isinstance(m, ContinuousFlow) for m in module.modules()):  # what pf.solver_settings switches
         return contextlib.nullcontext()
-    settings = {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol, "options": None}
-    return pf.solver_settings(
-        module, **settings, divergence=args.eval_divergence, max_num_steps=args.eval_max_num_steps
-    )
+    options = {"method": args.eval_method, "rtol": args.eval_rtol, "atol": args.eval_atol, "options": None}
+    return pf.solver_settings(module, **options, divergence=args.eval_divergence, max_num_steps=args.eval_max_num_steps)
 
 
 def flow_matching_now(args: argparse.Namespace, step: int, num_steps: int) -> bool:
@@ -128,32 +128,20 @@ def flow_matching_now(args: argparse.Namespace, step: int, num_steps: int) -> bo
     return args.objective == "fm" or (args.objective == "fm+ml" and step < args.fm_fraction * num_steps)
 
 
-class Processes(NamedTuple):
-    """Where this process stands in a (possibly single-process) data-parallel run; rank 0 writes the files."""
-
-    rank: int
-    world_size: int
-    device: torch.device
+Processes = namedtuple("Processes", ["rank", "world_size", "device"])  # of a data-parallel run; rank 0 writes
 
 
 @contextlib.contextmanager
 def processes(args: argparse.Namespace) -> Iterator[Processes]:
-    """The device (with clear errors), CPU threads, and with ``--distributed`` the process group of ``torchrun``
-    (NCCL on CUDA, each process on ``cuda:$LOCAL_RANK``; Gloo on CPU), left at the end."""
+    """CPU threads and, with ``--distributed``, torchrun's process group (NCCL on ``cuda:$LOCAL_RANK``, or Gloo)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {args.device}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine")
-    procs = Processes(0, 1, device)
+    procs = Processes(0, 1, args.device)
     if args.distributed:
         if "LOCAL_RANK" not in os.environ:
             raise SystemExit("error: --distributed: start the script with torchrun (torchrun --nproc_per_node=2 ...)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.device.type == "cuda" else args.device
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         procs = Processes(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
@@ -172,8 +160,7 @@ def batch_seed(seed: int, step: int, procs: Processes) -> int:
 
 
 def train_batch(rows: torch.Tensor, batch_size: int, seed: int, step: int, procs: Processes) -> torch.Tensor:
-    """This process's batch of ``rows`` at ``step``: epoch-wise seeded shuffles (a resumed run sees the same
-    batches), the consecutive batches of a shuffle going to consecutive processes."""
+    """This process's batch at ``step`` from seeded shuffles per epoch (a resumed run sees the same batches)."""
     epoch, i = divmod(step * procs.world_size + procs.rank, max(len(rows) // batch_size, 1))
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return rows[order[i * batch_size : (i + 1) * batch_size].to(rows.device)]
@@ -190,14 +177,9 @@ def in_sync(module: torch.nn.Module) -> bool:
     return torch.equal(low, high)
 
 
-class NonFiniteError(ArithmeticError):
-    """A non-finite loss or gradient: the update was not applied."""
-
-
 def update(loss: torch.Tensor | float, params: list[torch.Tensor], optimizer: pyro.optim.PyroOptim) -> float:
-    """Applies ``optimizer`` to the gradients of ``params``, clears them and returns the loss. Under ``torchrun``
-    the loss and gradients are first averaged over the processes (data parallelism for any Pyro model and guide).
-    A non-finite loss or gradient changes nothing and raises :class:`NonFiniteError`."""
+    """Applies ``optimizer`` to the gradients of ``params`` (averaged with the loss over torchrun's processes),
+    clears them and returns the loss. A non-finite loss or gradient changes nothing: ``FloatingPointError``."""
     if torch.distributed.is_initialized():  # params come in the same order on every process
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         flat = torch.cat([torch.as_tensor(loss).to(grads[0]).reshape(1), *(g.flatten() for g in grads)])
@@ -208,7 +190,7 @@ def update(loss: torch.Tensor | float, params: list[torch.Tensor], optimizer: py
     loss, norm = float(loss), float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     try:
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise NonFiniteError(f"the loss is {loss} and the gradient norm {norm}")
+            raise FloatingPointError(f"the loss is {loss} and the gradient norm {norm}")
         optimizer(params)
     finally:
         for p in params:
@@ -224,14 +206,9 @@ def svi_step(elbo: pyro.infer.ELBO, optimizer: pyro.optim.PyroOptim, model, guid
     return update(loss, [params[name] for name in sorted(params)], optimizer)
 
 
-def flow_matching_loss(cnf: pf.FFJORD, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
-    """:func:`pyro_ffjord.flow_matching_loss` with the objective flags."""
-    return pf.flow_matching_loss(cnf, x, sigma_min=args.sigma_min, coupling=args.coupling, time=args.fm_time)
-
-
 def flow_matching_step(cnf: pf.FFJORD, x: torch.Tensor, optimizer: pyro.optim.PyroOptim, args) -> float:
-    """One optimizer step on :func:`flow_matching_loss`."""
-    loss = flow_matching_loss(cnf, x, args)
+    """One :func:`update` of ``cnf`` on :func:`pyro_ffjord.flow_matching_loss` with the objective flags."""
+    loss = pf.flow_matching_loss(cnf, x, sigma_min=args.sigma_min, coupling=args.coupling, time=args.fm_time)
     loss.backward()
     return update(loss.detach(), [p for p in cnf.parameters() if p.requires_grad], optimizer)
 
@@ -255,24 +232,13 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(obj, indent=2).encode())
 
 
-def early_stopping(module: torch.nn.Module) -> dict[str, Any]:
-    """The extra :class:`Trainer` state of early stopping: the validations and the best parameters so far."""
-    return {
-        "val": [],
-        "best_val": math.inf,
-        "best_at": 0,
-        "best_module": copy.deepcopy(module.state_dict()),
-        "bad_evals": 0,
-    }
-
-
 def record_validation(state: dict, at: int, value: float, module: torch.nn.Module, patience: int, count=True) -> None:
-    """Records validation loss ``value`` at ``at``, keeps the best parameters, and sets ``state["stopped"]`` after
-    ``patience`` counted validations without improvement."""
+    """Early stopping: records validation loss ``value`` at ``at`` in ``state["val"]``, keeps the best parameters in
+    ``state["best_module"]`` and stops after ``patience`` counted validations without improvement."""
     if not math.isfinite(value):
-        raise NonFiniteError(f"the validation loss is {value}")
-    state["val"].append((at, value))
-    if value < state["best_val"]:
+        raise FloatingPointError(f"the validation loss is {value}")
+    state.setdefault("val", []).append((at, value))
+    if value < state.get("best_val", math.inf):
         state.update(best_val=value, best_at=at, best_module=copy.deepcopy(module.state_dict()), bad_evals=0)
     elif count:
         state["bad_evals"] += 1
@@ -281,7 +247,7 @@ def record_validation(state: dict, at: int, value: float, module: torch.nn.Modul
 
 def _fault(error: BaseException | None) -> BaseException | None:
     """The solver failure or NaN behind ``error`` (Pyro re-raises errors in ``log_prob`` as ``ValueError``)."""
-    while error is not None and not isinstance(error, (pf.ODESolveError, NonFiniteError)):
+    while error is not None and not isinstance(error, (pf.ODESolveError, FloatingPointError)):
         error = error.__cause__ or error.__context__
     return error
 
@@ -293,90 +259,70 @@ def _resume_command() -> str:
 class Trainer:
     """Runs training steps so that nothing is lost.
 
-    The checkpoint ``<out>/checkpoint.pt`` (``torch.save`` to a temporary file, then ``os.replace``) holds the
-    module's state dict, the optimizer's state (``PyroOptim.get_state``), torch's RNG states and ``state`` (the log
-    rows, training seconds, early stopping...): a resumed run continues bit for bit. ``log.csv`` beside it is
-    rewritten with the checkpoint's rows. A step whose solve fails or whose loss or gradient is non-finite changes
-    nothing (:func:`update`): the run stops with a checkpoint of the state before it. The first SIGINT/SIGTERM ends
-    the current step, checkpoints and exits; a second one acts at once. Only rank 0 writes.
+    The checkpoint ``<out>/checkpoint.pt``, written atomically, holds the module, the optimizer's state, torch's
+    RNG states and ``state`` (the log rows, training seconds, early stopping...): ``--resume`` continues bit for bit.
+    ``log.csv`` beside it has the rows. A failed solve or a non-finite loss or gradient changes nothing
+    (:func:`update`) and stops the run with a checkpoint; the first SIGINT/SIGTERM ends the current step,
+    checkpoints and exits, a second one acts at once. Only rank 0 writes.
     """
 
-    def __init__(self, args, module: torch.nn.Module, optimizer, procs: Processes, **state) -> None:
-        """Starts at step 0 with ``state`` added to the log, or with ``--resume`` from the checkpoint."""
+    def __init__(self, args, module: torch.nn.Module, optimizer: pyro.optim.PyroOptim, procs: Processes) -> None:
+        """Starts at step 0, or with ``--resume`` from the checkpoint."""
         self.path, self.module, self.optimizer = Path(args.out) / "checkpoint.pt", module, optimizer
         self.writer, self.progress, self.signum = procs.rank == 0, not args.no_progress, None
-        start = {"step": 0, "optimizer": {}, "state": {"log": [], "seconds": 0.0, "stopped": False, **state}}
-        saved = self._load() if args.resume else start
-        self.start, self.state = saved["step"], saved["state"]
-        # states set by ``PyroOptim.set_state`` are reported by ``get_state`` only once their parameters step
-        self.optimizer_state = saved["optimizer"]
+        saved = self._load() if args.resume else {"step": 0, "optimizer": {}, "state": {}}
+        self.start, self.state = saved["step"], {"log": [], "seconds": 0.0, "stopped": False, **saved["state"]}
+        self.optimizer_state = saved["optimizer"]  # PyroOptim.get_state shows set_state's only once they step
 
     def _load(self) -> dict[str, Any]:
         """The checkpoint, read with ``weights_only=True`` (tensors and plain data: it cannot run code)."""
-        path = self.path
-        if not path.is_file():
-            raise SystemExit(f"error: --resume: no checkpoint at {path}")
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            raise SystemExit(
-                f"error: --resume: {path} holds a pickled Python object ({what and what.group(1)}): "
-                "only tensors and plain data are loaded"
-            ) from None
-        except Exception as e:  # truncated, another format...: what torch.load raises varies
-            raise SystemExit(
-                f"error: --resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})"
-            ) from None
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing, truncated, holding objects...: what torch.load raises varies
+            why = f"is not a readable checkpoint ({type(e).__name__}: {e})"
+            if pickled := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
+                why = f"holds a pickled Python object ({pickled[1]}): only tensors and plain data are loaded"
+            raise SystemExit(f"error: --resume: {self.path} {why}") from None
         try:
             self.module.load_state_dict(saved["module"])
         except RuntimeError as e:  # torch names each parameter and its two shapes
-            raise SystemExit(f"error: --resume: {path} holds another model; resume with its flags. {e}") from None
+            raise SystemExit(f"error: --resume: {self.path} holds another model; resume with its flags. {e}") from None
         self.optimizer.set_state(saved["optimizer"])
         torch.set_rng_state(saved["rng"]["torch"])
-        if "cuda" in saved["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"].get("cuda", []))
         return saved
 
     def save(self, step: int) -> None:
-        """Writes the checkpoint after ``step`` steps, then ``log.csv`` with its rows."""
+        """Writes the checkpoint after ``step`` steps, then ``log.csv`` with its rows (on rank 0)."""
         if not self.writer:
             return
         self.optimizer_state |= self.optimizer.get_state()
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint = {
             "step": step,
             "module": self.module.state_dict(),
             "optimizer": self.optimizer_state,
-            "rng": rng,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()},
             "state": self.state,
         }
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(self.path, buffer.getvalue())
         if rows := self.state["log"]:
-            writer = csv.DictWriter(text := io.StringIO(), fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-            atomic_write(self.path.with_name("log.csv"), text.getvalue().encode())
+            lines = [",".join(rows[0]), *(",".join(map(str, row.values())) for row in rows)]
+            atomic_write(self.path.with_name("log.csv"), "\n".join(lines).encode() + b"\n")
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # the second signal acts at once
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        signal.signal(signum, self.handlers[signum])  # a second signal acts at once
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
 
     def run(self, train_step: Callable[[int, dict], dict], num_steps: int, checkpoint_every: int) -> dict[str, Any]:
-        """Runs ``row = train_step(step, state)`` for steps :attr:`start` to ``num_steps`` or until
-        ``state["stopped"]``, logging each ``row`` (the step's numbers, its ``"loss"`` first) with the step and the
-        training seconds (summed over resumes) in ``state["log"]``, with a progress bar; checkpoints every
-        ``checkpoint_every`` steps and at the end."""
+        """Runs ``row = train_step(step, state)`` up to ``num_steps`` or ``state["stopped"]``, logging each ``row``
+        (its ``"loss"`` first) with the step and the training seconds; checkpoints every ``checkpoint_every``."""
         state, step = self.state, self.start
         bar = tqdm(initial=step, total=num_steps, disable=not (self.progress and self.writer))
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             started = time.time() - state["seconds"]
             while step < num_steps and not state["stopped"]:
@@ -403,6 +349,6 @@ class Trainer:
                     raise SystemExit(128 + self.signum)
         finally:
             bar.close()
-            for s, handler in handlers.items():
+            for s, handler in self.handlers.items():
                 signal.signal(s, handler)
         return state
