@@ -281,7 +281,7 @@ class ODENet(nn.Module):
         per_layer = []
         for layer in self.layers:
             weight, bias = _fold_gate_and_shift(*layer.terms(times, None))  # K of each, or one shared by all
-            per_layer.append(zip(weight.expand(k, *weight.shape[-2:]).unbind(0), bias.expand(k, -1).unbind(0)))
+            per_layer.append(zip(weight.unbind(0) if weight.dim() == 3 else [weight] * k, bias.expand(k, -1).unbind(0)))
         return [list(per_time) for per_time in zip(*per_layer)]
 
     def forward_and_jacobian(

@@ -94,7 +94,9 @@ class _CNFTransform:
         record = self._record
         if record is None or record.settings != self._settings():
             return None
-        now = (record.tensors[0] if base is None else base, record.tensors[1] if data is None else data, *self._read())
+        if (base is not None and base is not record.tensors[0]) or (data is not None and data is not record.tensors[1]):
+            return None  # another tensor, whatever its values
+        now = (*record.tensors[:2], *self._read())
         unchanged = len(now) == len(record.tensors) and all(  # the same tensors, none of them changed since
             a is b and (torch.equal(a, mark) if isinstance(mark, Tensor) else a._version == mark)
             for a, b, mark in zip(now, record.tensors, record.marks)
