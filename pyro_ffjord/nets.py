@@ -316,15 +316,7 @@ class ODENet(nn.Module):
             )
         return self._propagate(t, z, tangents, context, True, affines)
 
-    def _propagate(
-        self,
-        t: Tensor,
-        z: Tensor,
-        tangents: Tensor | None,
-        context: Tensor | None,
-        jvp: bool,
-        affines: list[tuple[Tensor, Tensor]] | None,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _propagate(self, t: Tensor, z: Tensor, tangents, context, jvp: bool, affines) -> tuple[Tensor, Tensor | None]:
         """The output and, if ``jvp``, the tangents ``(N, k, D)`` pushed through every layer."""
         if affines is None:  # else the folded terms stand for the time features
             t = time_features(t.to(z), self.frequencies)
@@ -339,17 +331,7 @@ class ODENet(nn.Module):
             pushed = pushed.expand(z.shape[0], *pushed.shape[1:]).reshape(z.shape[0], pushed.shape[1], -1)
         return h.reshape(z.shape), pushed
 
-    def _layer(
-        self,
-        i: int,
-        layer: nn.Module,
-        t: Tensor,
-        h: Tensor,
-        tangents: Tensor | None,
-        context: Tensor | None,
-        jvp: bool,
-        affine: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _layer(self, i: int, layer: nn.Module, t: Tensor, h: Tensor, tangents, context, jvp: bool, affine) -> tuple:
         """Pre-activation of ``layer`` (the ``i``-th) and, if ``jvp``, the tangents pushed through it."""
         return layer.forward_and_jvp(t, h, tangents, context, jvp, affine)
 
@@ -401,17 +383,7 @@ class AmortizedLowRankODENet(ODENet):
         self._split = [n for w_in, w_out in self._shapes for n in (w_in * rank, rank * w_out, w_out)]
         self.context_dim = sum(self._split)
 
-    def _layer(
-        self,
-        i: int,
-        layer: nn.Module,
-        t: Tensor,
-        h: Tensor,
-        tangents: Tensor | None,
-        context: Tensor | None,
-        jvp: bool,
-        affine: tuple[Tensor, Tensor] | None,
-    ) -> tuple[Tensor, Tensor | None]:
+    def _layer(self, i: int, layer: nn.Module, t: Tensor, h: Tensor, tangents, context, jvp: bool, affine) -> tuple:
         u, v, b = context.split(self._split, dim=-1)[3 * i : 3 * i + 3]  # layer i's U (N, d_in r), V, bias
         (w_in, w_out), r = self._shapes[i], self.rank
         u, v = u.view(-1, w_in, r) / math.sqrt(w_in * r), v.view(-1, r, w_out)
