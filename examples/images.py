@@ -87,7 +87,6 @@ def build_flow(args: argparse.Namespace, train: Tensor) -> pf.MultiscaleFFJORD |
         # the same numbers in every process and on --resume: a seeded dequantization of the first images
         logits = pf.multiscale.LogitTransform(args.alpha)(training_batch(train[:2000], 2000, args.seed, train.device))
         return ImageCNF(cnf, shape, args.alpha, logits.mean().item(), logits.std().item())
-    regularization = {name: w for name, w in (("kinetic", args.kinetic), ("jacobian", args.jacobian)) if w > 0}
     return pf.MultiscaleFFJORD(
         shape,
         n_scales=args.n_scales,
@@ -95,9 +94,6 @@ def build_flow(args: argparse.Namespace, train: Tensor) -> pf.MultiscaleFFJORD |
         hidden_channels=args.hidden_channels,
         layer=args.layer,
         alpha=args.alpha,
-        T=args.T,
-        train_T=args.train_T,
-        regularization=regularization,
         **training.solver_options(args),
     )
 

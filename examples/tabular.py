@@ -100,7 +100,7 @@ def build_flow(train: Tensor, args: argparse.Namespace) -> Flow:
     for _ in range(arch.num_blocks if args.model == "ffjord" else args.baseline_layers):
         if args.model == "ffjord":
             net = {"layer": arch.layer, "activation": arch.activation, "time_frequencies": arch.time_frequencies}
-            solver = {"T": args.T, "train_T": args.train_T, "divergence": "hutchinson", **training.solver_options(args)}
+            solver = {"divergence": "hutchinson", **training.solver_options(args)}
             layer = pf.ffjord(dim, hidden_dims=(width,) * arch.num_hidden, **net, **solver)
             transforms.append(layer)
         elif args.model == "maf":  # Pyro's IAF inverted: one pass to score data; MADE needs >= D hidden units
@@ -172,16 +172,14 @@ def load_data(args: argparse.Namespace) -> TabularData:
 @torch.no_grad()
 def plot(path: Path, data: TabularData, test: Tensor, flow: Flow, state: dict, gaussian: float, title: str) -> None:
     """Learning curves, then pairwise marginals of up to 4 columns: test rows above, the flow's samples below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to choose
 
     dims = sorted(set(np.linspace(0, data.dim - 1, min(data.dim, 4)).round().astype(int).tolist()))
     pairs, label = list(combinations(dims, 2)), lambda i: data.columns[i] if data.columns else f"dim {i}"
     rows = {"data": test[:2000].cpu().numpy(), "samples": flow.distribution(test).sample((2000,)).cpu().numpy()}
     lo, hi = np.quantile(rows["data"], [0.005, 0.995], axis=0)
-    fig, axes = plt.subplots(2, len(pairs) + 1, figsize=(3 * (len(pairs) + 1), 6), squeeze=False)
+    fig = Figure(figsize=(3 * (len(pairs) + 1), 6))
+    axes = fig.subplots(2, len(pairs) + 1, squeeze=False)
     losses = [row["loss"] for row in state["log"]]
     axes[0, 0].plot(losses, lw=0.5, label="train")
     if state["val"]:
@@ -195,10 +193,7 @@ def plot(path: Path, data: TabularData, test: Tensor, flow: Flow, state: dict, g
             ax.scatter(points[:, i], points[:, j], s=1, alpha=0.3, color="k" if name == "data" else "C0")
             ax.set(xlim=(lo[i], hi[i]), ylim=(lo[j], hi[j]), xticks=[], yticks=[])
             ax.set_title(f"{name}: {label(i)} vs {label(j)}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    training.save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -33,17 +33,13 @@ from common.training import int_list, non_negative_float, positive_float, positi
 
 
 def build_flow(args: argparse.Namespace) -> ComposeTransformModule:
-    regularization = {name: w for name, w in (("kinetic", args.kinetic), ("jacobian", args.jacobian)) if w > 0}
     blocks = [
         pf.ffjord(
             2,
             hidden_dims=args.hidden_dims,
             layer=args.layer,
             activation=args.activation,
-            T=args.T,
-            train_T=args.train_T,
             divergence=args.divergence,
-            regularization=regularization,
             **training.solver_options(args),
         )
         for _ in range(args.num_blocks)
@@ -83,10 +79,7 @@ def test_nll(flow: ComposeTransformModule, x: torch.Tensor, batch_size: int) -> 
 
 @torch.no_grad()
 def plot(path: Path, args, flow, data: torch.Tensor, losses: list[float], metrics: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to choose
 
     lim = 4.0
     side = args.plot_resolution
@@ -97,7 +90,8 @@ def plot(path: Path, args, flow, data: torch.Tensor, losses: list[float], metric
     d = dist.TransformedDistribution(base, [flow])
     density = torch.cat([d.log_prob(chunk).exp() for chunk in points.split(args.eval_batch_size)])
     samples = d.sample((4000,))
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    fig = Figure(figsize=(17, 4.2))
+    axes = fig.subplots(1, 4)
     axes[0].hist2d(*data[:20000].cpu().T.numpy(), bins=side, range=[[-lim, lim]] * 2, cmap="viridis")
     axes[0].set_title(f"data: {args.data}")
     axes[1].imshow(density.reshape(side, side).cpu().numpy(), extent=[-lim, lim, -lim, lim], origin="lower")
@@ -116,77 +110,75 @@ def plot(path: Path, args, flow, data: torch.Tensor, losses: list[float], metric
     axes[3].set_title(title)
     if true is not None:
         axes[3].axhline(true, color="k", ls="--", lw=1)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    training.save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Trains the flow, scores it on fresh samples, and writes metrics.json and the plot."""
     with training.processes(args) as procs:
-        return run(args, procs)
+        device = procs.device
+        pyro.clear_param_store()
+        pyro.set_rng_seed(args.seed)
+        out = Path(args.out)
+        if args.objective != "ml" and args.num_blocks != 1:
+            raise SystemExit(f"error: --objective {args.objective} trains one CNF: use --num-blocks 1")
+        try:
+            flow = build_flow(args).to(device)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"error: invalid flow settings: {e}") from None
+        test = sample_toy(args.data, args.num_test, seed=args.seed + 10_000).float().to(device)
 
+        # cosine decay of the learning rate over the whole run
+        scheduler = pyro.optim.LambdaLR(
+            {
+                "optimizer": torch.optim.Adam,
+                "optim_args": {"lr": args.lr},
+                "lr_lambda": lambda step: 0.5 * (1 + math.cos(math.pi * min(step / args.num_steps, 1.0))),
+            }
+        )
+        elbo = Trace_ELBO()
+        pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
+        trainer = training.Trainer(args, flow, scheduler, procs)
 
-def run(args: argparse.Namespace, procs: training.Processes) -> dict:
-    device = procs.device
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    out = Path(args.out)
-    if args.objective != "ml" and args.num_blocks != 1:
-        raise SystemExit(f"error: --objective {args.objective} trains one CNF: use --num-blocks 1")
-    try:
-        flow = build_flow(args).to(device)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: invalid flow settings: {e}") from None
-    test = sample_toy(args.data, args.num_test, seed=args.seed + 10_000).float().to(device)
+        def train_step(step: int, state: dict) -> dict:
+            x = (
+                sample_toy(args.data, args.batch_size, seed=training.batch_seed(args.seed, step, procs))
+                .float()
+                .to(device)
+            )
+            if training.flow_matching_now(args, step, args.num_steps):
+                loss = training.flow_matching_step(flow.parts[0], x, scheduler, args)
+            else:
+                loss = training.svi_step(elbo, scheduler, model, guide, x, flow) / len(x)
+            scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
+            return {"loss": loss, "nfe_forward": flow.parts[0].nfe.forward, "T": flow.parts[0].T.item()}
 
-    # cosine decay of the learning rate over the whole run
-    scheduler = pyro.optim.LambdaLR(
-        {
-            "optimizer": torch.optim.Adam,
-            "optim_args": {"lr": args.lr},
-            "lr_lambda": lambda step: 0.5 * (1 + math.cos(math.pi * min(step / args.num_steps, 1.0))),
-        }
-    )
-    elbo = Trace_ELBO()
-    pyro.module("flow", flow)  # every objective keeps the parameters in Pyro's param store
-    trainer = training.Trainer(args, flow, scheduler, procs)
+        state = trainer.run(train_step, args.num_steps, args.checkpoint_every)
+        losses = [row["loss"] for row in state["log"]]
 
-    def train_step(step: int, state: dict) -> dict:
-        x = sample_toy(args.data, args.batch_size, seed=training.batch_seed(args.seed, step, procs)).float().to(device)
-        if training.flow_matching_now(args, step, args.num_steps):
-            loss = training.flow_matching_step(flow.parts[0], x, scheduler, args)
-        else:
-            loss = training.svi_step(elbo, scheduler, model, guide, x, flow) / len(x)
-        scheduler.step()  # before the checkpoint, so that a resumed run has the learning rate of step + 1
-        return {"loss": loss, "nfe_forward": flow.parts[0].nfe.forward, "T": flow.parts[0].T.item()}
-
-    state = trainer.run(train_step, args.num_steps, args.checkpoint_every)
-    losses = [row["loss"] for row in state["log"]]
-
-    with training.evaluation_solver(flow, args):
-        nll, se = test_nll(flow, test, args.eval_batch_size)
-        nfe = flow.parts[0].nfe.forward
-        log_density = toy_log_density(args.data, test)
-        metrics = {
-            "data": args.data,
-            "test_nll": nll,
-            "test_nll_se": se,
-            "true_nll": None if log_density is None else -log_density.mean().item(),
-            "eval_nfe": nfe,
-            "train_seconds": round(state["seconds"], 1),
-            "num_steps": args.num_steps,
-            "world_size": procs.world_size,
-            "ranks_in_sync": training.in_sync(flow),
-        }
-        if procs.rank > 0:
-            return metrics
-        plot(Path(args.plot or out / f"toy_{args.data}.png"), args, flow, test, losses, metrics)
-    training.write_json(out / "metrics.json", metrics)
-    true = "" if metrics["true_nll"] is None else f"  true NLL {metrics['true_nll']:.3f} nats"
-    solver = f"exact trace, {args.eval_method} rtol {args.eval_rtol} atol {args.eval_atol}"
-    print(f"{args.data}: test NLL {nll:.3f} ± {se:.3f} nats ({solver}){true}")
-    return metrics
+        with training.evaluation_solver(flow, args):
+            nll, se = test_nll(flow, test, args.eval_batch_size)
+            nfe = flow.parts[0].nfe.forward
+            log_density = toy_log_density(args.data, test)
+            metrics = {
+                "data": args.data,
+                "test_nll": nll,
+                "test_nll_se": se,
+                "true_nll": None if log_density is None else -log_density.mean().item(),
+                "eval_nfe": nfe,
+                "train_seconds": round(state["seconds"], 1),
+                "num_steps": args.num_steps,
+                "world_size": procs.world_size,
+                "ranks_in_sync": training.in_sync(flow),
+            }
+            if procs.rank > 0:
+                return metrics
+            plot(Path(args.plot or out / f"toy_{args.data}.png"), args, flow, test, losses, metrics)
+        training.write_json(out / "metrics.json", metrics)
+        true = "" if metrics["true_nll"] is None else f"  true NLL {metrics['true_nll']:.3f} nats"
+        solver = f"exact trace, {args.eval_method} rtol {args.eval_rtol} atol {args.eval_atol}"
+        print(f"{args.data}: test NLL {nll:.3f} ± {se:.3f} nats ({solver}){true}")
+        return metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

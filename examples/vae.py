@@ -134,7 +134,7 @@ def build_flows(name: str, args: argparse.Namespace) -> list[nn.Module]:
     blocks = args.num_blocks or blocks
     hidden = tuple(min(h, args.max_width or h) for h in args.hidden_dims or hidden)
     rank = min(args.rank or rank, args.max_rank or math.inf)
-    options = {"T": args.T, "train_T": args.train_T, "layer": "concat", **training.solver_options(args)}  # tanh
+    options = {"layer": "concat", **training.solver_options(args)}  # tanh
     if name == "ffjord":
         return [pf.amortized_ffjord(args.z_dim, FEATURES, hidden, rank, **options) for _ in range(blocks)]
     return [pf.conditional_ffjord(args.z_dim, FEATURES, hidden, **options) for _ in range(blocks)]
@@ -178,17 +178,15 @@ def in_paper_units(nats: float, vae: VAE) -> float:
 @torch.no_grad()
 def plot(path: Path, vae: VAE, test: Tensor, state: dict, title: str) -> None:
     """Test images, their reconstructions, samples from the model (decoder means) and the learning curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to choose
     from torchvision.utils import make_grid
 
     x, generator = test[:32], torch.Generator(test.device).manual_seed(0)
     images = {"test images": x / 255 if vae.categorical else x}
     images["reconstructions"] = vae.mean_image(vae.posterior(x).sample())
     images["samples (decoder means)"] = vae.mean_image(torch.randn(32, vae.z_dim, device=x.device, generator=generator))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig = Figure(figsize=(16, 3.6))
+    axes = fig.subplots(1, 4)
     for ax, (name, batch) in zip(axes, images.items()):
         ax.imshow(make_grid(batch.float().cpu(), nrow=8, padding=1, pad_value=0.5).permute(1, 2, 0).numpy())
         ax.set_title(name)
@@ -198,10 +196,7 @@ def plot(path: Path, vae: VAE, test: Tensor, state: dict, title: str) -> None:
     axes[3].plot([e * steps_per_epoch for e, _ in state["val"]], [v for _, v in state["val"]], "o-", label="validation")
     axes[3].set(xlabel="iteration", ylabel="-ELBO (nats)", title=title)
     axes[3].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    training.save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

@@ -103,8 +103,11 @@ def add_objective_args(parser: argparse.ArgumentParser, default: str, choices=("
 
 
 def solver_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``pf.ffjord`` keywords of the training solver flags."""
+    """The ``pf.ffjord`` keywords of the integration-time and training-solver flags (and of the RNODE weights
+    ``--kinetic``/``--jacobian``, where the example has them)."""
     return {
+        "T": args.T,
+        "train_T": args.train_T,
         "method": args.method,
         "options": None if args.method in ADAPTIVE_STAGES else {"step_size": args.step_size},
         "rtol": args.rtol,
@@ -112,6 +115,7 @@ def solver_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_steps": args.max_num_steps,
         "adjoint": args.adjoint,
         "compile": {"backend": args.compile} if args.compile else False,
+        "regularization": {name: w for name in ("kinetic", "jacobian") if (w := getattr(args, name, 0.0))},
     }
 
 
@@ -230,6 +234,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(obj, indent=2).encode())
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lays out a matplotlib ``Figure`` and writes it to ``path``, creating its folder."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
 
 
 def record_validation(state: dict, at: int, value: float, module: torch.nn.Module, patience: int, count=True) -> None:
