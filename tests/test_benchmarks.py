@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/bench_cnf.py``: every contender runs and reports finite numbers.
+"""Smoke tests of the benchmarks: every contender runs and reports finite numbers.
 
 No timing is asserted: the numbers depend on the machine.
 """
@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from synthetic_data import example_data_dir
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cnf.py"
 
@@ -146,3 +147,19 @@ def test_bench_svi_smoke(tmp_path):
     assert rows["ffjord"]["logdet_error"] < 1e-3
     assert rows["iaf"]["ratio_to_iaf_1"] == 1.0 and rows["ffjord"]["ratio_to_iaf_8"] > 0
     assert all(math.isfinite(n) for n in _numbers(list(rows.values())))
+
+
+def test_bench_images_smoke(tmp_path):
+    """The images example's two models race on MNIST's format: each trains, and is scored in finite bits/dim on
+    the same test images."""
+    out = tmp_path / "bench_images.json"
+    command = [sys.executable, str(BENCH.parent / "bench_images.py"), "--budget", "1", "--num-train", "64"]
+    command += ["--num-test", "4", "--jobs", "2", "--data-dir", str(example_data_dir()), "--out", str(out)]
+    run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout
+    rows = {r["contender"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"fm", "ml"}
+    for name, row in rows.items():
+        assert "error" not in row, (name, row)
+        assert row["steps"] >= 1 and row["num_test"] == 4 and row["eval_nfe"] > 0
+        assert math.isfinite(row["bits_per_dim"]) and row["bits_per_dim_se"] > 0
