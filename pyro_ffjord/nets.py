@@ -320,16 +320,19 @@ class ODENet(nn.Module):
         """The output and, if ``jvp``, the tangents ``(N, k, D)`` pushed through every layer."""
         if affines is None:  # else the folded terms stand for the time features
             t = time_features(t.to(z), self.frequencies)
-        h, last = z.reshape(*z.shape[:-1], *self._layer_shape), len(self.layers) - 1
-        pushed = None if tangents is None else tangents.reshape(*tangents.shape[:2], *self._layer_shape)
+        images, last = len(self._layer_shape) > 1, len(self.layers) - 1  # a conv net's layers see (C, H, W)
+        h = z.reshape(*z.shape[:-1], *self._layer_shape) if images else z
+        pushed = (
+            tangents.reshape(*tangents.shape[:2], *self._layer_shape) if images and tangents is not None else tangents
+        )
         for i, layer in enumerate(self.layers):
             pre, pushed = self._layer(i, layer, t, h, pushed, context, jvp, None if affines is None else affines[i])
             h = pre if i == last else ACTIVATIONS[self.activation](pre)
             if jvp and i < last:
                 pushed = _ACTIVATION_JVPS[self.activation](pushed, pre.unsqueeze(1), h.unsqueeze(1))
-        if jvp:  # (1 or N, k, ...) -> (N, k, D)
+        if jvp and (images or pushed.shape[0] != z.shape[0]):  # (1 or N, k, ...) -> (N, k, D)
             pushed = pushed.expand(z.shape[0], *pushed.shape[1:]).reshape(z.shape[0], pushed.shape[1], -1)
-        return h.reshape(z.shape), pushed
+        return (h.reshape(z.shape) if images else h), pushed
 
     def _layer(self, i: int, layer: nn.Module, t: Tensor, h: Tensor, tangents, context, jvp: bool, affine) -> tuple:
         """Pre-activation of ``layer`` (the ``i``-th) and, if ``jvp``, the tangents pushed through it."""
