@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-import pyro_ffjord as pf
 from pyro_ffjord.datasets.images import load_image_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -56,9 +55,7 @@ def run_contender(name: str, args: argparse.Namespace) -> dict[str, Any]:
             group["lr"] = settings.lr * warmup * 0.5 * (1 + math.cos(math.pi * elapsed / args.budget))
         x = example.training_batch(train, settings.batch_size, args.seed * 1_000_003 + steps, torch.device("cpu"))
         if name == "fm":
-            y = flow.scaling.inv(x)
-            options = {"sigma_min": settings.sigma_min, "coupling": settings.coupling, "time": settings.fm_time}
-            loss = pf.flow_matching_loss(flow.cnf, y, **options)
+            loss = training.flow_matching_loss(flow.cnf, flow.scaling.inv(x), settings)
         else:  # the RNODE penalty is read after the solve of this step's log-density
             loss = -example.distribution(flow, x).log_prob(x).mean()
             loss = loss + flow.regularization_loss()

@@ -210,9 +210,14 @@ def svi_step(elbo: pyro.infer.ELBO, optimizer: pyro.optim.PyroOptim, model, guid
     return update(loss, [params[name] for name in sorted(params)], optimizer)
 
 
+def flow_matching_loss(cnf: pf.FFJORD, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """:func:`pyro_ffjord.flow_matching_loss` of ``cnf`` on ``x`` with the objective flags."""
+    return pf.flow_matching_loss(cnf, x, sigma_min=args.sigma_min, coupling=args.coupling, time=args.fm_time)
+
+
 def flow_matching_step(cnf: pf.FFJORD, x: torch.Tensor, optimizer: pyro.optim.PyroOptim, args) -> float:
-    """One :func:`update` of ``cnf`` on :func:`pyro_ffjord.flow_matching_loss` with the objective flags."""
-    loss = pf.flow_matching_loss(cnf, x, sigma_min=args.sigma_min, coupling=args.coupling, time=args.fm_time)
+    """One :func:`update` of ``cnf`` on :func:`flow_matching_loss`."""
+    loss = flow_matching_loss(cnf, x, args)
     loss.backward()
     return update(loss.detach(), [p for p in cnf.parameters() if p.requires_grad], optimizer)
 
